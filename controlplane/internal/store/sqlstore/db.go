@@ -1,0 +1,192 @@
+// Package sqlstore implements store.Store over database/sql. One body of SQL
+// serves every dialect; the dialect supplies placeholders, row locks and the
+// migrations. SQLite (modernc.org/sqlite, no cgo) is the embedded default: one
+// writer connection whose transactions take the write lock up front
+// (BEGIN IMMEDIATE) and a pool of read-only connections beside it (WAL).
+package sqlstore
+
+import (
+	"context"
+	"database/sql"
+	"embed"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/url"
+	"path"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/copelf/copelf/controlplane/internal/store"
+	"github.com/copelf/copelf/protocol"
+)
+
+//go:embed migrations
+var migrationsFS embed.FS
+
+type dialect struct {
+	name string
+	// rebind turns ?-placeholders into the dialect's.
+	rebind func(string) string
+	// forUpdate is appended to a SELECT that locks the rows it reads.
+	forUpdate string
+	// uniqueViolation reports a unique-constraint error.
+	uniqueViolation func(error) bool
+}
+
+// DB is a store.Store on a SQL database.
+type DB struct {
+	w, r *sql.DB
+	d    dialect
+	// Now is the clock; tests may replace it before use.
+	Now func() time.Time
+}
+
+var _ store.Store = (*DB)(nil)
+
+// Open opens the database named by a URL: sqlite://path/to/file.db (relative
+// or, with three slashes, absolute). It applies pending migrations.
+func Open(ctx context.Context, dsn string) (*DB, error) {
+	switch {
+	case strings.HasPrefix(dsn, "sqlite://"):
+		return openSQLite(ctx, strings.TrimPrefix(dsn, "sqlite://"))
+	default:
+		return nil, fmt.Errorf("unsupported database URL %q (want sqlite://…)", redactDSN(dsn))
+	}
+}
+
+func redactDSN(dsn string) string {
+	if u, err := url.Parse(dsn); err == nil && u.User != nil {
+		u.User = url.User(u.User.Username())
+		return u.String()
+	}
+	return dsn
+}
+
+// Close closes both pools.
+func (s *DB) Close() error {
+	return errors.Join(s.w.Close(), s.r.Close())
+}
+
+func (s *DB) now() time.Time { return s.Now().UTC() }
+
+func (s *DB) migrate(ctx context.Context) error {
+	if _, err := s.w.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL)`); err != nil {
+		return fmt.Errorf("migrations table: %w", err)
+	}
+	dir := path.Join("migrations", s.d.name)
+	entries, err := fs.ReadDir(migrationsFS, dir)
+	if err != nil {
+		return err
+	}
+	sort.Slice(entries, func(i, j int) bool { return entries[i].Name() < entries[j].Name() })
+	for _, e := range entries {
+		num, _, ok := strings.Cut(e.Name(), "_")
+		version, err := strconv.Atoi(num)
+		if !ok || err != nil {
+			return fmt.Errorf("migration %s: name must start with a number", e.Name())
+		}
+		body, err := migrationsFS.ReadFile(path.Join(dir, e.Name()))
+		if err != nil {
+			return err
+		}
+		err = s.tx(ctx, func(tx *sql.Tx) error {
+			var n int
+			if err := tx.QueryRowContext(ctx, s.q(`SELECT COUNT(*) FROM schema_migrations WHERE version = ?`), version).Scan(&n); err != nil {
+				return err
+			}
+			if n > 0 {
+				return nil
+			}
+			if _, err := tx.ExecContext(ctx, string(body)); err != nil {
+				return fmt.Errorf("migration %s: %w", e.Name(), err)
+			}
+			_, err := tx.ExecContext(ctx, s.q(`INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)`), version, ms(s.now()))
+			return err
+		})
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (s *DB) q(query string) string {
+	if s.d.rebind == nil {
+		return query
+	}
+	return s.d.rebind(query)
+}
+
+// tx runs fn in a write transaction and commits it when fn returns nil.
+func (s *DB) tx(ctx context.Context, fn func(*sql.Tx) error) error {
+	tx, err := s.w.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("begin: %w", err)
+	}
+	if err := fn(tx); err != nil {
+		_ = tx.Rollback()
+		return err
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("commit: %w", err)
+	}
+	return nil
+}
+
+// querier is what both *sql.DB and *sql.Tx offer.
+type querier interface {
+	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
+	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
+	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
+}
+
+func (s *DB) exec(ctx context.Context, q querier, query string, args ...any) (int64, error) {
+	res, err := q.ExecContext(ctx, s.q(query), args...)
+	if err != nil {
+		return 0, err
+	}
+	return res.RowsAffected()
+}
+
+// ms converts a time to stored Unix milliseconds.
+func ms(t time.Time) int64 { return t.UnixMilli() }
+
+func msPtr(t *time.Time) any {
+	if t == nil {
+		return nil
+	}
+	return t.UnixMilli()
+}
+
+func fromMs(v int64) time.Time { return time.UnixMilli(v).UTC() }
+
+func fromNullMs(v sql.NullInt64) *time.Time {
+	if !v.Valid {
+		return nil
+	}
+	t := fromMs(v.Int64)
+	return &t
+}
+
+func nullString(s string) any {
+	if s == "" {
+		return nil
+	}
+	return s
+}
+
+// notFound maps sql.ErrNoRows to the given catalog code.
+func notFound(err error, code protocol.Code) error {
+	if errors.Is(err, sql.ErrNoRows) {
+		return protocol.NewError(code)
+	}
+	return err
+}
+
+// placeholders returns "?, ?, ?" for n values.
+func placeholders(n int) string {
+	return strings.TrimSuffix(strings.Repeat("?, ", n), ", ")
+}

@@ -1,0 +1,76 @@
+package sqlstore
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"path/filepath"
+	"runtime"
+	"time"
+
+	"modernc.org/sqlite"
+	sqlite3 "modernc.org/sqlite/lib"
+)
+
+// sqliteDialect: `?` placeholders, no row locks (the single writer holds the
+// database lock for the whole transaction, taken at BEGIN IMMEDIATE).
+var sqliteDialect = dialect{
+	name: "sqlite",
+	uniqueViolation: func(err error) bool {
+		var se *sqlite.Error
+		return errors.As(err, &se) && (se.Code() == sqlite3.SQLITE_CONSTRAINT_UNIQUE || se.Code() == sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY)
+	},
+}
+
+func openSQLite(ctx context.Context, file string) (*DB, error) {
+	if file == "" {
+		return nil, fmt.Errorf("sqlite URL needs a file path")
+	}
+	if dir := filepath.Dir(file); dir != "." {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return nil, fmt.Errorf("create database directory: %w", err)
+		}
+	}
+	// synchronous=NORMAL in WAL mode: a committed transaction survives a
+	// killed process (it is in the WAL file); only an OS crash or power loss
+	// may lose the last commits.
+	params := url.Values{}
+	params.Add("_pragma", "busy_timeout(10000)")
+	params.Add("_pragma", "journal_mode(WAL)")
+	params.Add("_pragma", "synchronous(NORMAL)")
+	params.Add("_pragma", "foreign_keys(ON)")
+	params.Set("_txlock", "immediate")
+	w, err := sql.Open("sqlite", "file:"+file+"?"+params.Encode())
+	if err != nil {
+		return nil, err
+	}
+	w.SetMaxOpenConns(1)
+	w.SetMaxIdleConns(1)
+	w.SetConnMaxLifetime(0)
+	if err := w.PingContext(ctx); err != nil {
+		w.Close()
+		return nil, fmt.Errorf("open sqlite: %w", err)
+	}
+
+	rp := url.Values{}
+	rp.Add("_pragma", "busy_timeout(10000)")
+	rp.Add("_pragma", "query_only(1)")
+	r, err := sql.Open("sqlite", "file:"+file+"?"+rp.Encode())
+	if err != nil {
+		w.Close()
+		return nil, err
+	}
+	n := max(2, runtime.GOMAXPROCS(0))
+	r.SetMaxOpenConns(n)
+	r.SetMaxIdleConns(n)
+
+	db := &DB{w: w, r: r, d: sqliteDialect, Now: time.Now}
+	if err := db.migrate(ctx); err != nil {
+		db.Close()
+		return nil, err
+	}
+	return db, nil
+}

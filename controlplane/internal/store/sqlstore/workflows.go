@@ -1,0 +1,148 @@
+package sqlstore
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+
+	"github.com/copelf/copelf/controlplane/internal/ids"
+	"github.com/copelf/copelf/controlplane/internal/store"
+	"github.com/copelf/copelf/protocol"
+)
+
+const workflowColumns = `id, account_id, name, status, definition, active_run_id, active_batch_id, created_at, updated_at, deleted_at`
+
+func scanWorkflow(row interface{ Scan(...any) error }) (*store.Workflow, error) {
+	var w store.Workflow
+	var def, activeRun, activeBatch sql.NullString
+	var created, updated int64
+	var deleted sql.NullInt64
+	if err := row.Scan(&w.ID, &w.AccountID, &w.Name, &w.Status, &def, &activeRun, &activeBatch, &created, &updated, &deleted); err != nil {
+		return nil, err
+	}
+	if def.Valid {
+		w.Definition = json.RawMessage(def.String)
+	}
+	w.ActiveRunID, w.ActiveBatchID = activeRun.String, activeBatch.String
+	w.CreatedAt, w.UpdatedAt, w.DeletedAt = fromMs(created), fromMs(updated), fromNullMs(deleted)
+	return &w, nil
+}
+
+func (s *DB) WorkflowCreate(ctx context.Context, p store.WorkflowCreateParams) (*store.Workflow, error) {
+	now := s.now()
+	w := &store.Workflow{ID: ids.New(ids.Workflow), AccountID: p.AccountID, Name: p.Name, Status: p.Status, Definition: p.Definition, CreatedAt: now, UpdatedAt: now}
+	_, err := s.exec(ctx, s.w, `INSERT INTO workflows (id, account_id, name, status, definition, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)`,
+		w.ID, w.AccountID, w.Name, w.Status, nullString(string(w.Definition)), ms(now), ms(now))
+	if err != nil {
+		return nil, err
+	}
+	return w, nil
+}
+
+func (s *DB) WorkflowGet(ctx context.Context, id string) (*store.Workflow, error) {
+	w, err := scanWorkflow(s.r.QueryRowContext(ctx, s.q(`SELECT `+workflowColumns+` FROM workflows WHERE id = ?`), id))
+	return w, notFound(err, protocol.CodeWorkflowNotFound)
+}
+
+func (s *DB) WorkflowList(ctx context.Context, accountID string, page store.Page) ([]*store.Workflow, string, error) {
+	query, args, limit, err := pageQuery(`SELECT `+workflowColumns+` FROM workflows WHERE account_id = ? AND deleted_at IS NULL`, "created_at", []any{accountID}, page)
+	if err != nil {
+		return nil, "", err
+	}
+	items, err := queryAll(ctx, s, query, args, scanWorkflow)
+	if err != nil {
+		return nil, "", err
+	}
+	items, next := trimPage(items, limit, func(w *store.Workflow) cursor { return cursor{ms(w.CreatedAt), w.ID} })
+	return items, next, nil
+}
+
+// lockWorkflowIdle reads a live workflow for update and refuses with
+// workflow_has_active_requests while it has pending approvals or an active
+// run or batch.
+func (s *DB) lockWorkflowIdle(ctx context.Context, tx *sql.Tx, id string) (*store.Workflow, error) {
+	w, err := scanWorkflow(tx.QueryRowContext(ctx, s.q(`SELECT `+workflowColumns+` FROM workflows WHERE id = ?`+s.d.forUpdate), id))
+	if err != nil {
+		return nil, notFound(err, protocol.CodeWorkflowNotFound)
+	}
+	if w.DeletedAt != nil {
+		return nil, protocol.NewError(protocol.CodeWorkflowNotFound)
+	}
+	approvalIDs, err := queryAll(ctx, s, `SELECT id FROM approvals WHERE workflow_id = ? AND status = 'pending' ORDER BY created_at, id`, []any{id},
+		func(r interface{ Scan(...any) error }) (string, error) {
+			var id string
+			return id, r.Scan(&id)
+		}, tx)
+	if err != nil {
+		return nil, err
+	}
+	if len(approvalIDs) > 0 || w.ActiveRunID != "" || w.ActiveBatchID != "" {
+		e := protocol.NewError(protocol.CodeWorkflowHasActiveRequests).With("approvalIds", approvalIDs)
+		if w.ActiveRunID != "" {
+			e = e.With("runId", w.ActiveRunID)
+		}
+		if w.ActiveBatchID != "" {
+			e = e.With("batchId", w.ActiveBatchID)
+		}
+		return nil, e
+	}
+	return w, nil
+}
+
+// WorkflowUpdate renames a workflow and/or replaces its definition; a new
+// definition makes the workflow ready.
+func (s *DB) WorkflowUpdate(ctx context.Context, p store.WorkflowUpdateParams) (*store.Workflow, error) {
+	var out *store.Workflow
+	err := s.tx(ctx, func(tx *sql.Tx) error {
+		w, err := s.lockWorkflowIdle(ctx, tx, p.ID)
+		if err != nil {
+			return err
+		}
+		if p.Name != nil {
+			w.Name = *p.Name
+		}
+		if p.Definition != nil {
+			w.Definition = p.Definition
+			w.Status = protocol.WorkflowReady
+		}
+		w.UpdatedAt = s.now()
+		_, err = s.exec(ctx, tx, `UPDATE workflows SET name = ?, definition = ?, status = ?, updated_at = ? WHERE id = ?`,
+			w.Name, nullString(string(w.Definition)), w.Status, ms(w.UpdatedAt), w.ID)
+		out = w
+		return err
+	})
+	return out, err
+}
+
+// WorkflowDelete marks the workflow deleted; it answers workflow_not_found from then on.
+func (s *DB) WorkflowDelete(ctx context.Context, id string) error {
+	return s.tx(ctx, func(tx *sql.Tx) error {
+		if _, err := s.lockWorkflowIdle(ctx, tx, id); err != nil {
+			return err
+		}
+		_, err := s.exec(ctx, tx, `UPDATE workflows SET deleted_at = ? WHERE id = ?`, ms(s.now()), id)
+		return err
+	})
+}
+
+// queryAll runs a query (on the read pool, or on the given transaction) and scans every row.
+func queryAll[T any](ctx context.Context, s *DB, query string, args []any, scan func(interface{ Scan(...any) error }) (T, error), on ...querier) ([]T, error) {
+	var q querier = s.r
+	if len(on) > 0 {
+		q = on[0]
+	}
+	rows, err := q.QueryContext(ctx, s.q(query), args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := []T{}
+	for rows.Next() {
+		v, err := scan(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, v)
+	}
+	return out, rows.Err()
+}

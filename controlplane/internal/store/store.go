@@ -1,0 +1,384 @@
+// Package store defines the control plane's persistence contract: the domain
+// records and one Store interface that every database implements. Rules that
+// must hold exactly once (one active run per workflow, credit holds, no
+// overspend, approval resolution) are enforced inside the implementation's
+// transactions by guarded updates, never by a read followed by a write in the
+// caller. Domain failures are returned as *protocol.Error values from the
+// catalog; anything else is an internal error.
+//
+// The conformance suite in storetest runs against every implementation.
+package store
+
+import (
+	"context"
+	"encoding/json"
+	"time"
+
+	"github.com/copelf/copelf/protocol"
+)
+
+// Role of a user.
+type Role string
+
+const (
+	RoleMember   Role = "member"
+	RoleOperator Role = "operator"
+	RoleAdmin    Role = "admin"
+)
+
+// Valid reports whether r is a known role.
+func (r Role) Valid() bool { return r == RoleMember || r == RoleOperator || r == RoleAdmin }
+
+// AtLeast reports whether r grants everything other grants.
+func (r Role) AtLeast(other Role) bool { return roleRank[r] >= roleRank[other] }
+
+var roleRank = map[Role]int{RoleMember: 1, RoleOperator: 2, RoleAdmin: 3}
+
+// Plan of an account.
+type Plan string
+
+const (
+	PlanFree Plan = "free"
+	PlanPro  Plan = "pro"
+)
+
+// Valid reports whether p is a known plan.
+func (p Plan) Valid() bool { return p == PlanFree || p == PlanPro }
+
+// User is a person who signs in. In this version an account is a user: the
+// account id is the user id.
+type User struct {
+	ID           string    `json:"id"`
+	Email        string    `json:"email"`
+	PasswordHash string    `json:"-"`
+	Role         Role      `json:"role"`
+	Plan         Plan      `json:"plan"`
+	CreatedAt    time.Time `json:"createdAt"`
+}
+
+// AccountID is the id of the account the user belongs to.
+func (u *User) AccountID() string { return u.ID }
+
+// TokenKind says what a token may be used for.
+type TokenKind string
+
+const (
+	TokenSession  TokenKind = "session"
+	TokenAPI      TokenKind = "api"
+	TokenAgent    TokenKind = "agent"
+	TokenAnalyzer TokenKind = "analyzer"
+)
+
+// Token is a bearer credential. Only its hash is stored.
+type Token struct {
+	ID        string     `json:"id"`
+	UserID    string     `json:"-"`
+	Kind      TokenKind  `json:"kind"`
+	Name      string     `json:"name"`
+	Hash      string     `json:"-"`
+	CreatedAt time.Time  `json:"createdAt"`
+	ExpiresAt *time.Time `json:"expiresAt"`
+	RevokedAt *time.Time `json:"-"`
+}
+
+// Workflow is a recorded browser task.
+type Workflow struct {
+	ID         string                  `json:"id"`
+	AccountID  string                  `json:"accountId"`
+	Name       string                  `json:"name"`
+	Status     protocol.WorkflowStatus `json:"status"`
+	Definition json.RawMessage         `json:"definition"`
+	// ActiveRunID / ActiveBatchID hold the workflow's single active request.
+	ActiveRunID   string     `json:"-"`
+	ActiveBatchID string     `json:"-"`
+	CreatedAt     time.Time  `json:"createdAt"`
+	UpdatedAt     time.Time  `json:"updatedAt"`
+	DeletedAt     *time.Time `json:"-"`
+}
+
+// StepRecord is the progress of one step of a run.
+type StepRecord struct {
+	Index      int                 `json:"index"`
+	Type       protocol.StepType   `json:"type"`
+	Status     protocol.StepStatus `json:"status"`
+	StartedAt  *time.Time          `json:"startedAt,omitempty"`
+	DurationMs *int64              `json:"durationMs,omitempty"`
+	Attempts   int                 `json:"attempts,omitempty"`
+	Error      *protocol.Error     `json:"error,omitempty"`
+}
+
+// Run is one execution of a workflow.
+type Run struct {
+	ID                string               `json:"id"`
+	AccountID         string               `json:"accountId"`
+	WorkflowID        string               `json:"workflowId"`
+	BatchID           string               `json:"batchId,omitempty"`
+	Iteration         *int                 `json:"iteration,omitempty"`
+	Status            protocol.RunStatus   `json:"status"`
+	Inputs            map[string]any       `json:"inputs"`
+	Outputs           map[string]any       `json:"outputs"`
+	Error             *protocol.Error      `json:"error,omitempty"`
+	AgentID           string               `json:"agentId,omitempty"`
+	Attempt           int                  `json:"attempt"`
+	LeaseID           string               `json:"-"`
+	Steps             []StepRecord         `json:"steps"`
+	QueueReason       protocol.QueueReason `json:"-"`
+	QueueSince        *time.Time           `json:"-"`
+	Labels            map[string]string    `json:"labels,omitempty"`
+	TimeoutMs         int64                `json:"timeoutMs,omitempty"`
+	QueueTimeoutMs    int64                `json:"queueTimeoutMs,omitempty"`
+	CostReserved      int64                `json:"-"`
+	CostCharged       int64                `json:"-"`
+	QueuedAt          time.Time            `json:"queuedAt"`
+	StartedAt         *time.Time           `json:"startedAt,omitempty"`
+	FinishedAt        *time.Time           `json:"finishedAt,omitempty"`
+	CancelRequestedAt *time.Time           `json:"-"`
+}
+
+// Approval is a human decision a run waits for.
+type Approval struct {
+	ID         string                  `json:"id"`
+	AccountID  string                  `json:"accountId"`
+	RunID      string                  `json:"runId"`
+	WorkflowID string                  `json:"workflowId"`
+	Step       int                     `json:"step"`
+	Message    string                  `json:"message"`
+	Status     protocol.ApprovalStatus `json:"status"`
+	CreatedAt  time.Time               `json:"createdAt"`
+	ResolvedAt *time.Time              `json:"resolvedAt,omitempty"`
+	ResolvedBy string                  `json:"resolvedBy,omitempty"`
+	Comment    string                  `json:"comment,omitempty"`
+}
+
+// Batch runs a workflow once per iteration.
+type Batch struct {
+	ID            string               `json:"id"`
+	AccountID     string               `json:"accountId"`
+	WorkflowID    string               `json:"workflowId"`
+	Status        protocol.BatchStatus `json:"status"`
+	Concurrency   int                  `json:"concurrency"`
+	StopOnFailure bool                 `json:"stopOnFailure"`
+	Iterations    []BatchIteration     `json:"iterations"`
+	CreatedAt     time.Time            `json:"createdAt"`
+	StartedAt     *time.Time           `json:"startedAt,omitempty"`
+	FinishedAt    *time.Time           `json:"finishedAt,omitempty"`
+}
+
+// BatchIteration is one row of a batch. Status is "pending" before the batch
+// starts, then its run's status. Outputs are the run's outputs.
+type BatchIteration struct {
+	Index   int             `json:"index"`
+	Inputs  map[string]any  `json:"inputs"`
+	RunID   string          `json:"runId,omitempty"`
+	Status  string          `json:"status"`
+	Outputs map[string]any  `json:"-"`
+	Error   *protocol.Error `json:"-"`
+}
+
+// Credits is an account's balance. Available = Balance − Held ≥ 0 always.
+type Credits struct {
+	Balance   int64 `json:"balance"`
+	Held      int64 `json:"held"`
+	Available int64 `json:"available"`
+}
+
+// Ledger entry kinds.
+const (
+	LedgerGrant     = "grant"      // admin grant or adjustment
+	LedgerRunCharge = "run_charge" // a run's hold captured when it started
+	LedgerRunRefund = "run_refund" // a started run that ended by agent_lost/browser_crashed/internal
+	LedgerCoupon    = "coupon"     // coupon redemption
+	LedgerPurchase  = "purchase"   // paid checkout session
+)
+
+// LedgerEntry is one append-only movement of credits.
+type LedgerEntry struct {
+	ID         string    `json:"id"`
+	AccountID  string    `json:"accountId"`
+	Kind       string    `json:"kind"`
+	Amount     int64     `json:"amount"`
+	RunID      string    `json:"runId,omitempty"`
+	CouponCode string    `json:"couponCode,omitempty"`
+	Reason     string    `json:"reason,omitempty"`
+	CreatedAt  time.Time `json:"createdAt"`
+}
+
+// Page selects a page of a list. Cursor is opaque (from a previous NextCursor).
+type Page struct {
+	Limit  int
+	Cursor string
+}
+
+// IdempotencyRecord is a stored response for an Idempotency-Key.
+type IdempotencyRecord struct {
+	AccountID   string
+	Key         string
+	RequestHash string
+	Done        bool
+	Status      int
+	Body        []byte
+	CreatedAt   time.Time
+}
+
+// Params of the operations.
+type (
+	UserCreateParams struct {
+		Email        string
+		PasswordHash string
+		Role         Role
+		Plan         Plan
+	}
+	TokenCreateParams struct {
+		UserID    string
+		Kind      TokenKind
+		Name      string
+		Hash      string
+		ExpiresAt *time.Time
+	}
+	WorkflowCreateParams struct {
+		AccountID  string
+		Name       string
+		Status     protocol.WorkflowStatus
+		Definition json.RawMessage
+	}
+	WorkflowUpdateParams struct {
+		ID         string
+		Name       *string
+		Definition json.RawMessage // nil: unchanged
+	}
+	RunCreateParams struct {
+		AccountID      string
+		WorkflowID     string
+		Inputs         map[string]any
+		Steps          []StepRecord
+		Labels         map[string]string
+		TimeoutMs      int64
+		QueueTimeoutMs int64
+		Cost           int64
+	}
+	RunListParams struct {
+		AccountID  string // empty: every account (operators)
+		WorkflowID string
+		BatchID    string
+		Status     protocol.RunStatus
+		Page
+	}
+	RunStartParams struct {
+		ID      string
+		AgentID string
+		LeaseID string
+	}
+	RunFinishParams struct {
+		ID      string
+		LeaseID string // when set, the run's current lease must match (else conflict, lease_lost)
+		Status  protocol.RunStatus
+		Error   *protocol.Error
+		Outputs map[string]any // nil: unchanged
+		Steps   []StepRecord   // nil: unchanged
+	}
+	BatchCreateParams struct {
+		AccountID     string
+		WorkflowID    string
+		Concurrency   int
+		StopOnFailure bool
+		Iterations    []map[string]any
+	}
+	BatchStartParams struct {
+		ID        string
+		Steps     []StepRecord
+		TimeoutMs int64
+		Cost      int64
+	}
+	ApprovalCreateParams struct {
+		RunID   string
+		Step    int
+		Message string
+	}
+	ApprovalResolveParams struct {
+		ID       string
+		Approved bool
+		By       string
+		Comment  string
+	}
+	ApprovalListParams struct {
+		AccountID string // empty: every account
+		Status    protocol.ApprovalStatus
+		Page
+	}
+	CreditsGrantParams struct {
+		AccountID string
+		Amount    int64
+		Kind      string
+		Reason    string
+		// Key makes the grant happen at most once (e.g. "admin:<requestKey>").
+		// Empty: always a new entry.
+		Key string
+	}
+)
+
+// Store is the control plane's persistence. Every method takes a context and
+// is safe for concurrent use.
+type Store interface {
+	UserCreate(ctx context.Context, p UserCreateParams) (*User, error)
+	UserGet(ctx context.Context, id string) (*User, error)
+	UserGetByEmail(ctx context.Context, email string) (*User, error)
+
+	TokenCreate(ctx context.Context, p TokenCreateParams) (*Token, error)
+	// TokenGetByHash returns the token and its user; revoked tokens are not found.
+	TokenGetByHash(ctx context.Context, hash string) (*Token, *User, error)
+	TokenList(ctx context.Context, userID string) ([]*Token, error)
+	TokenRevoke(ctx context.Context, userID, id string) error
+
+	WorkflowCreate(ctx context.Context, p WorkflowCreateParams) (*Workflow, error)
+	// WorkflowGet returns deleted workflows too (DeletedAt set); callers decide.
+	WorkflowGet(ctx context.Context, id string) (*Workflow, error)
+	WorkflowList(ctx context.Context, accountID string, page Page) ([]*Workflow, string, error)
+	// WorkflowUpdate and WorkflowDelete refuse with workflow_has_active_requests
+	// while approvals are pending or a run or batch is active.
+	WorkflowUpdate(ctx context.Context, p WorkflowUpdateParams) (*Workflow, error)
+	WorkflowDelete(ctx context.Context, id string) error
+
+	// RunCreate takes the workflow's active slot (workflow_already_running),
+	// holds the cost (insufficient_credits) and queues the run, atomically.
+	RunCreate(ctx context.Context, p RunCreateParams) (*Run, error)
+	RunGet(ctx context.Context, id string) (*Run, error)
+	RunList(ctx context.Context, p RunListParams) ([]*Run, string, error)
+	// RunCancel cancels a queued run at once (hold released); a running run is
+	// marked cancel-requested. A terminal run is conflict.
+	RunCancel(ctx context.Context, id string) (*Run, error)
+	// RunStart moves a queued run to running on an agent and captures its
+	// hold: the run's cost is charged from here on.
+	RunStart(ctx context.Context, p RunStartParams) (*Run, error)
+	// RunFinish moves a non-terminal run to a terminal state. A run that never
+	// started has its hold released; a started run that ends by agent_lost,
+	// browser_crashed or internal is refunded. Guarded by LeaseID when set.
+	RunFinish(ctx context.Context, p RunFinishParams) (*Run, error)
+
+	ApprovalCreate(ctx context.Context, p ApprovalCreateParams) (*Approval, error)
+	ApprovalGet(ctx context.Context, id string) (*Approval, error)
+	ApprovalList(ctx context.Context, p ApprovalListParams) ([]*Approval, string, error)
+	// ApprovalResolve moves a pending approval on exactly once (else conflict)
+	// and its run with it: approved → running, rejected → failed.
+	ApprovalResolve(ctx context.Context, p ApprovalResolveParams) (*Approval, error)
+
+	BatchCreate(ctx context.Context, p BatchCreateParams) (*Batch, error)
+	BatchGet(ctx context.Context, id string) (*Batch, error)
+	BatchList(ctx context.Context, accountID string, page Page) ([]*Batch, string, error)
+	// BatchStart queues every iteration's run and holds credits for all.
+	BatchStart(ctx context.Context, p BatchStartParams) (*Batch, error)
+	BatchCancel(ctx context.Context, id string) (*Batch, error)
+
+	CreditsGet(ctx context.Context, accountID string) (Credits, error)
+	CreditsGrant(ctx context.Context, p CreditsGrantParams) (*LedgerEntry, error)
+	LedgerList(ctx context.Context, accountID string, page Page) ([]*LedgerEntry, string, error)
+	// LedgerSum is the sum of the account's entries (for audits and tests).
+	LedgerSum(ctx context.Context, accountID string) (int64, error)
+
+	// IdempotencyBegin reserves key for a request. When the key exists it
+	// returns the record (Done false: still in progress) and false.
+	IdempotencyBegin(ctx context.Context, rec IdempotencyRecord) (*IdempotencyRecord, bool, error)
+	IdempotencyFinish(ctx context.Context, rec IdempotencyRecord) error
+	IdempotencyAbort(ctx context.Context, accountID, key string) error
+
+	Close() error
+}
