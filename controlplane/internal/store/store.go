@@ -109,13 +109,16 @@ type StepRecord struct {
 
 // Run is one execution of a workflow.
 type Run struct {
-	ID                string               `json:"id"`
-	AccountID         string               `json:"accountId"`
-	WorkflowID        string               `json:"workflowId"`
-	BatchID           string               `json:"batchId,omitempty"`
-	Iteration         *int                 `json:"iteration,omitempty"`
-	Status            protocol.RunStatus   `json:"status"`
-	Inputs            map[string]any       `json:"inputs"`
+	ID         string             `json:"id"`
+	AccountID  string             `json:"accountId"`
+	WorkflowID string             `json:"workflowId"`
+	BatchID    string             `json:"batchId,omitempty"`
+	Iteration  *int               `json:"iteration,omitempty"`
+	Status     protocol.RunStatus `json:"status"`
+	Inputs     map[string]any     `json:"inputs"`
+	// SecretNames are the inputs of type secret when the run was created;
+	// their values are never shown.
+	SecretNames       []string             `json:"-"`
 	Outputs           map[string]any       `json:"outputs"`
 	Error             *protocol.Error      `json:"error,omitempty"`
 	AgentID           string               `json:"agentId,omitempty"`
@@ -250,6 +253,7 @@ type (
 		AccountID      string
 		WorkflowID     string
 		Inputs         map[string]any
+		SecretNames    []string
 		Steps          []StepRecord
 		Labels         map[string]string
 		TimeoutMs      int64
@@ -284,10 +288,11 @@ type (
 		Iterations    []map[string]any
 	}
 	BatchStartParams struct {
-		ID        string
-		Steps     []StepRecord
-		TimeoutMs int64
-		Cost      int64
+		ID          string
+		Steps       []StepRecord
+		SecretNames []string
+		TimeoutMs   int64
+		Cost        int64
 	}
 	ApprovalCreateParams struct {
 		RunID   string

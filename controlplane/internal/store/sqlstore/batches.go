@@ -135,7 +135,7 @@ func (s *DB) BatchStart(ctx context.Context, p store.BatchStartParams) (*store.B
 		for i := range b.Iterations {
 			it := &b.Iterations[i]
 			r := s.newQueuedRun(b.AccountID, b.WorkflowID, it.Inputs, p.Steps, nil, p.TimeoutMs, 0, p.Cost)
-			r.BatchID, r.Iteration = b.ID, &it.Index
+			r.BatchID, r.Iteration, r.SecretNames = b.ID, &it.Index, p.SecretNames
 			if err := s.insertRun(ctx, tx, r); err != nil {
 				return err
 			}

@@ -11,7 +11,7 @@ import (
 	"github.com/copelf/copelf/protocol"
 )
 
-const runColumns = `id, account_id, workflow_id, batch_id, iteration, status, inputs, outputs, error, agent_id, attempt, lease_id, steps,
+const runColumns = `id, account_id, workflow_id, batch_id, iteration, status, inputs, secret_names, outputs, error, agent_id, attempt, lease_id, steps,
 	queue_reason, queue_since, labels, timeout_ms, queue_timeout_ms, cost_reserved, cost_charged, queued_at, started_at, finished_at, cancel_requested_at`
 
 // activeRunStates is the SQL list of non-terminal run states.
@@ -19,12 +19,12 @@ const activeRunStates = `('queued', 'running', 'awaiting_approval')`
 
 func scanRun(row interface{ Scan(...any) error }) (*store.Run, error) {
 	var r store.Run
-	var batchID, errJSON, agentID, leaseID, queueReason, labels sql.NullString
+	var batchID, errJSON, agentID, leaseID, queueReason, labels, secretNames sql.NullString
 	var iteration sql.NullInt64
 	var inputs, outputs, steps string
 	var queued int64
 	var queueSince, started, finished, cancelReq sql.NullInt64
-	err := row.Scan(&r.ID, &r.AccountID, &r.WorkflowID, &batchID, &iteration, &r.Status, &inputs, &outputs, &errJSON, &agentID, &r.Attempt, &leaseID, &steps,
+	err := row.Scan(&r.ID, &r.AccountID, &r.WorkflowID, &batchID, &iteration, &r.Status, &inputs, &secretNames, &outputs, &errJSON, &agentID, &r.Attempt, &leaseID, &steps,
 		&queueReason, &queueSince, &labels, &r.TimeoutMs, &r.QueueTimeoutMs, &r.CostReserved, &r.CostCharged, &queued, &started, &finished, &cancelReq)
 	if err != nil {
 		return nil, err
@@ -41,6 +41,7 @@ func scanRun(row interface{ Scan(...any) error }) (*store.Run, error) {
 		steps, &r.Steps,
 		errJSON.String, &r.Error,
 		labels.String, &r.Labels,
+		secretNames.String, &r.SecretNames,
 	); err != nil {
 		return nil, err
 	}
@@ -90,9 +91,9 @@ func jsonOrEmpty(v any, empty string) string {
 }
 
 func (s *DB) insertRun(ctx context.Context, tx *sql.Tx, r *store.Run) error {
-	_, err := s.exec(ctx, tx, `INSERT INTO runs (id, account_id, workflow_id, batch_id, iteration, status, inputs, outputs, steps, queue_reason, queue_since, labels,
-		timeout_ms, queue_timeout_ms, cost_reserved, cost_charged, queued_at) VALUES (`+placeholders(17)+`)`,
-		r.ID, r.AccountID, r.WorkflowID, nullString(r.BatchID), r.Iteration, r.Status, jsonOrEmpty(r.Inputs, "{}"), jsonOrEmpty(r.Outputs, "{}"),
+	_, err := s.exec(ctx, tx, `INSERT INTO runs (id, account_id, workflow_id, batch_id, iteration, status, inputs, secret_names, outputs, steps, queue_reason, queue_since, labels,
+		timeout_ms, queue_timeout_ms, cost_reserved, cost_charged, queued_at) VALUES (`+placeholders(18)+`)`,
+		r.ID, r.AccountID, r.WorkflowID, nullString(r.BatchID), r.Iteration, r.Status, jsonOrEmpty(r.Inputs, "{}"), jsonText(r.SecretNames), jsonOrEmpty(r.Outputs, "{}"),
 		jsonOrEmpty(r.Steps, "[]"), nullString(string(r.QueueReason)), msPtr(r.QueueSince), jsonText(r.Labels),
 		r.TimeoutMs, r.QueueTimeoutMs, r.CostReserved, r.CostCharged, ms(r.QueuedAt))
 	return err
@@ -113,6 +114,7 @@ func (s *DB) newQueuedRun(accountID, workflowID string, inputs map[string]any, s
 // workflow state, then active run/batch, then credits.
 func (s *DB) RunCreate(ctx context.Context, p store.RunCreateParams) (*store.Run, error) {
 	r := s.newQueuedRun(p.AccountID, p.WorkflowID, p.Inputs, p.Steps, p.Labels, p.TimeoutMs, p.QueueTimeoutMs, p.Cost)
+	r.SecretNames = p.SecretNames
 	err := s.tx(ctx, func(tx *sql.Tx) error {
 		n, err := s.exec(ctx, tx, `UPDATE workflows SET active_run_id = ? WHERE id = ? AND deleted_at IS NULL AND status = 'ready'
 			AND active_run_id IS NULL AND active_batch_id IS NULL`, r.ID, p.WorkflowID)

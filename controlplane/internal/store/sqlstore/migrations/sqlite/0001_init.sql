@@ -55,6 +55,7 @@ CREATE TABLE runs (
     iteration           INTEGER,
     status              TEXT NOT NULL,
     inputs              TEXT NOT NULL,
+    secret_names        TEXT,
     outputs             TEXT NOT NULL,
     error               TEXT,
     agent_id            TEXT,
