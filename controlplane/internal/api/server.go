@@ -1,0 +1,145 @@
+// Package api is the control plane's JSON HTTP API (API.md §1–§8). Every
+// handler returns an error; one place turns errors into the catalog's
+// envelope, so no route can answer with a bare string, an HTML page or an
+// internal detail.
+package api
+
+import (
+	"context"
+	"net/http"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/copelf/copelf/controlplane/internal/store"
+	"github.com/copelf/copelf/protocol"
+)
+
+// MaxBodyBytes bounds every JSON request body.
+const MaxBodyBytes = 1 << 20
+
+// Config holds the API's settings.
+type Config struct {
+	// SessionTTL is how long a sign-in session lasts.
+	SessionTTL time.Duration
+	// RunCost is the credits a run costs.
+	RunCost int64
+	// SecureCookies marks the session cookie Secure (behind HTTPS).
+	SecureCookies bool
+}
+
+// Server serves the API.
+type Server struct {
+	store store.Store
+	log   logrus.FieldLogger
+	cfg   Config
+	// Now is the clock; tests may replace it.
+	Now func() time.Time
+	// Hooks are told about state changes (dispatch, events); may be nil.
+	Hooks Hooks
+
+	mux *http.ServeMux
+}
+
+// Hooks lets other parts of the control plane react to changes made through
+// the API, after they are committed.
+type Hooks interface {
+	RunQueued(ctx context.Context, r *store.Run)
+	RunChanged(ctx context.Context, r *store.Run)
+	ApprovalResolved(ctx context.Context, a *store.Approval)
+}
+
+// New returns a Server on st.
+func New(st store.Store, log logrus.FieldLogger, cfg Config) *Server {
+	if cfg.SessionTTL <= 0 {
+		cfg.SessionTTL = 12 * time.Hour
+	}
+	s := &Server{store: st, log: log, cfg: cfg, Now: time.Now, mux: http.NewServeMux()}
+	s.routes()
+	return s
+}
+
+// handlerFunc is an API handler: it writes a response or returns an error.
+type handlerFunc func(w http.ResponseWriter, r *http.Request) error
+
+// methods maps HTTP methods to handlers for one path.
+type methods map[string]handlerFunc
+
+// handle registers a path. A method the path does not take answers 404
+// not_found with an Allow header (API.md §12).
+func (s *Server) handle(pattern string, m methods) {
+	allowed := make([]string, 0, len(m))
+	for k := range m {
+		allowed = append(allowed, k)
+	}
+	sort.Strings(allowed)
+	allow := strings.Join(allowed, ", ")
+	s.mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
+		h, ok := m[r.Method]
+		if !ok && r.Method == http.MethodHead {
+			h, ok = m[http.MethodGet]
+		}
+		if !ok {
+			w.Header().Set("Allow", allow)
+			s.writeError(w, r, protocol.Errorf(protocol.CodeNotFound, "%s is not supported on this route.", r.Method).With("allow", allowed))
+			return
+		}
+		if err := h(w, r); err != nil {
+			s.writeError(w, r, err)
+		}
+	})
+}
+
+// ServeHTTP runs the middleware chain and the routes.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	s.middleware(s.mux).ServeHTTP(w, r)
+}
+
+// Handle mounts an extra handler (websocket, dashboard) on the API's mux,
+// inside its middleware.
+func (s *Server) Handle(pattern string, h http.Handler) { s.mux.Handle(pattern, h) }
+
+func (s *Server) routes() {
+	// Everything unknown: not_found.
+	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		s.writeError(w, r, protocol.Errorf(protocol.CodeNotFound, "No route matches %s.", r.URL.Path))
+	})
+	s.handle("/healthz", methods{"GET": s.healthz})
+
+	s.handle("/v1/users", methods{"POST": s.createUser})
+	s.handle("/v1/sessions", methods{"POST": s.createSession})
+	s.handle("/v1/sessions/current", methods{"DELETE": s.deleteSession})
+	s.handle("/v1/tokens", methods{"POST": s.createToken, "GET": s.listTokens})
+	s.handle("/v1/tokens/{id}", methods{"DELETE": s.revokeToken})
+	s.handle("/v1/me", methods{"GET": s.me})
+
+	s.handle("/v1/workflows", methods{"POST": s.createWorkflow, "GET": s.listWorkflows})
+	s.handle("/v1/workflows/{id}", methods{"GET": s.getWorkflow, "PATCH": s.updateWorkflow, "DELETE": s.deleteWorkflow})
+	s.handle("/v1/workflows/{id}/runs", methods{"POST": s.idempotent(s.createRun)})
+	s.handle("/v1/workflows/{id}/batches", methods{"POST": s.idempotent(s.createBatch)})
+
+	s.handle("/v1/runs", methods{"GET": s.listRuns})
+	s.handle("/v1/runs/{id}", methods{"GET": s.getRun})
+	s.handle("/v1/runs/{id}/cancel", methods{"POST": s.cancelRun})
+
+	s.handle("/v1/approvals", methods{"GET": s.listApprovals})
+	s.handle("/v1/approvals/{id}", methods{"GET": s.getApproval})
+	s.handle("/v1/approvals/{id}/approve", methods{"POST": s.resolveApproval(true)})
+	s.handle("/v1/approvals/{id}/reject", methods{"POST": s.resolveApproval(false)})
+
+	s.handle("/v1/batches", methods{"GET": s.listBatches})
+	s.handle("/v1/batches/{id}", methods{"GET": s.getBatch})
+	s.handle("/v1/batches/{id}/start", methods{"POST": s.startBatch})
+	s.handle("/v1/batches/{id}/cancel", methods{"POST": s.cancelBatch})
+	s.handle("/v1/batches/{id}/results", methods{"GET": s.batchResults})
+
+	s.handle("/v1/credits", methods{"GET": s.getCredits})
+	s.handle("/v1/credits/ledger", methods{"GET": s.listLedger})
+	s.handle("/v1/accounts/{accountId}/credits", methods{"POST": s.idempotent(s.grantCredits)})
+}
+
+func (s *Server) healthz(w http.ResponseWriter, r *http.Request) error {
+	return writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+}
