@@ -70,7 +70,8 @@ func (s *DB) Close() error {
 	return errors.Join(s.w.Close(), s.r.Close())
 }
 
-func (s *DB) now() time.Time { return s.Now().UTC() }
+// now is the clock, at the stored precision (milliseconds).
+func (s *DB) now() time.Time { return s.Now().UTC().Truncate(time.Millisecond) }
 
 func (s *DB) migrate(ctx context.Context) error {
 	if _, err := s.w.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL)`); err != nil {

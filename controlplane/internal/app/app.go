@@ -1,0 +1,135 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/mattn/go-isatty"
+	"github.com/sirupsen/logrus"
+
+	"github.com/copelf/copelf/controlplane/internal/api"
+	"github.com/copelf/copelf/controlplane/internal/store"
+	"github.com/copelf/copelf/controlplane/internal/store/sqlstore"
+)
+
+// Run starts copelfd with args and serves until ctx is cancelled, then shuts
+// down gracefully. stdout receives the one-time bootstrap messages; logs go
+// to stderr. ready, when not nil, receives the listening address.
+func Run(ctx context.Context, args []string, stdout, stderr io.Writer, ready func(addr string)) error {
+	cfg, err := ParseConfig(args, stderr)
+	if err != nil {
+		return err
+	}
+	log, err := newLogger(cfg, stderr)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o755); err != nil {
+		return fmt.Errorf("data dir: %w", err)
+	}
+	st, err := openStore(ctx, cfg.DB)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+
+	ln, err := net.Listen("tcp", cfg.Addr)
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+	addr := ln.Addr().String()
+	baseURL := "http://" + addr
+
+	if err := bootstrapAdmin(ctx, st, cfg.AdminToken, stdout, log); err != nil {
+		return fmt.Errorf("bootstrap admin: %w", err)
+	}
+
+	srv := api.New(st, log, api.Config{SessionTTL: cfg.SessionTTL, RunCost: cfg.RunCost})
+	if cfg.Dev {
+		if err := seedDev(ctx, st, cfg, baseURL, stdout); err != nil {
+			return fmt.Errorf("dev seed: %w", err)
+		}
+		if fi, err := os.Stat(cfg.DevSite); err == nil && fi.IsDir() {
+			srv.Handle("/demo/", http.StripPrefix("/demo/", http.FileServer(http.Dir(cfg.DevSite))))
+		}
+	}
+
+	hs := &http.Server{
+		Handler:           srv,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          nil,
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- hs.Serve(ln) }()
+	log.WithFields(logrus.Fields{"addr": addr, "db": redactURL(cfg.DB)}).Info("copelfd listening")
+	if ready != nil {
+		ready(addr)
+	}
+
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	log.Info("shutting down")
+	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	defer cancel()
+	if err := hs.Shutdown(sctx); err != nil {
+		log.WithError(err).Warn("graceful shutdown did not finish; closing")
+		hs.Close()
+	}
+	if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	log.Info("stopped")
+	return nil
+}
+
+func openStore(ctx context.Context, dsn string) (store.Store, error) {
+	return sqlstore.Open(ctx, dsn)
+}
+
+func redactURL(s string) string {
+	if i := strings.Index(s, "@"); i >= 0 {
+		if j := strings.Index(s, "://"); j >= 0 && j < i {
+			return s[:j+3] + "…" + s[i:]
+		}
+	}
+	return s
+}
+
+func newLogger(cfg Config, w io.Writer) (*logrus.Logger, error) {
+	log := logrus.New()
+	log.SetOutput(w)
+	lvl, err := logrus.ParseLevel(cfg.LogLevel)
+	if err != nil {
+		return nil, fmt.Errorf("-log-level: %w", err)
+	}
+	log.SetLevel(lvl)
+	format := cfg.LogFormat
+	if format == "auto" {
+		format = "json"
+		if f, ok := w.(*os.File); ok && isatty.IsTerminal(f.Fd()) {
+			format = "text"
+		}
+	}
+	switch format {
+	case "json":
+		log.SetFormatter(&logrus.JSONFormatter{TimestampFormat: time.RFC3339Nano})
+	case "text":
+		log.SetFormatter(&logrus.TextFormatter{FullTimestamp: true, TimestampFormat: "15:04:05.000"})
+	default:
+		return nil, fmt.Errorf("-log-format must be auto, text or json")
+	}
+	return log, nil
+}

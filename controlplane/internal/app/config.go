@@ -1,0 +1,86 @@
+// Package app assembles the control plane: flags, logging, the store, the
+// API, bootstrap and dev seeding, and the HTTP server's lifetime. The
+// copelfd main only calls Run.
+package app
+
+import (
+	"flag"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/peterbourgon/ff/v3"
+)
+
+// Config is every setting of copelfd. Each flag has an environment twin:
+// -session-ttl ↔ COPELF_SESSION_TTL.
+type Config struct {
+	Addr            string
+	DB              string
+	DataDir         string
+	Dev             bool
+	DevSite         string
+	AdminToken      string
+	SessionTTL      time.Duration
+	LeaseTimeout    time.Duration
+	AnalysisTimeout time.Duration
+	RunCost         int64
+	AllowedOrigins  []string
+	StripeKey       string
+	StripeWebhook   string
+	StripeAPIBase   string
+	PricesFile      string
+	LogLevel        string
+	LogFormat       string
+	ShutdownTimeout time.Duration
+}
+
+// ParseConfig reads flags, then COPELF_* environment variables for flags not
+// given on the command line.
+func ParseConfig(args []string, usage io.Writer) (Config, error) {
+	var c Config
+	fs := flag.NewFlagSet("copelfd", flag.ContinueOnError)
+	fs.SetOutput(usage)
+	fs.StringVar(&c.Addr, "addr", "127.0.0.1:8080", "address to listen on")
+	fs.StringVar(&c.DB, "db", "sqlite://copelf.db", "database URL: sqlite://FILE")
+	fs.StringVar(&c.DataDir, "data-dir", "./copelf-data", "directory for uploads and artifacts")
+	fs.BoolVar(&c.Dev, "dev", false, "seed a demo account, credits and a sample workflow, and print their tokens")
+	fs.StringVar(&c.DevSite, "dev-site", "testdata/site", "directory served at /demo/ in dev mode (the sample workflow's pages)")
+	fs.StringVar(&c.AdminToken, "admin-token", "", "admin bootstrap token (prefer the environment variable COPELF_ADMIN_TOKEN)")
+	fs.DurationVar(&c.SessionTTL, "session-ttl", 12*time.Hour, "lifetime of sign-in sessions")
+	fs.DurationVar(&c.LeaseTimeout, "lease-timeout", 30*time.Second, "agent lease: accept deadline and heartbeat silence")
+	fs.DurationVar(&c.AnalysisTimeout, "analysis-timeout", 10*time.Minute, "how long a workflow may stay analyzing")
+	fs.Int64Var(&c.RunCost, "run-cost", 1, "credits per run")
+	origins := fs.String("allowed-origins", "", "comma-separated browser origins allowed to open agent websockets")
+	fs.StringVar(&c.StripeKey, "stripe-key", "", "Stripe secret key (billing is off without it)")
+	fs.StringVar(&c.StripeWebhook, "stripe-webhook-secret", "", "Stripe webhook signing secret")
+	fs.StringVar(&c.StripeAPIBase, "stripe-api-base", "", "Stripe API base URL (e.g. stripe-mock)")
+	fs.StringVar(&c.PricesFile, "prices", "", "JSON file of credit packs")
+	fs.StringVar(&c.LogLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fs.StringVar(&c.LogFormat, "log-format", "auto", "log format: auto (text on a terminal, JSON otherwise), text, json")
+	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 15*time.Second, "grace period for in-flight requests on SIGTERM")
+	err := ff.Parse(fs, args, ff.WithEnvVarPrefix("COPELF"))
+	if err != nil {
+		return c, err
+	}
+	if fs.NArg() > 0 {
+		return c, fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
+	}
+	for _, o := range strings.Split(*origins, ",") {
+		if o = strings.TrimSpace(o); o != "" {
+			c.AllowedOrigins = append(c.AllowedOrigins, o)
+		}
+	}
+	switch {
+	case c.SessionTTL <= 0:
+		return c, fmt.Errorf("-session-ttl must be positive")
+	case c.LeaseTimeout <= 0:
+		return c, fmt.Errorf("-lease-timeout must be positive")
+	case c.AnalysisTimeout <= 0:
+		return c, fmt.Errorf("-analysis-timeout must be positive")
+	case c.RunCost < 0:
+		return c, fmt.Errorf("-run-cost must not be negative")
+	}
+	return c, nil
+}
