@@ -1,0 +1,54 @@
+# Copelf execution system. `make help` lists the targets.
+SHELL := /bin/bash
+GO ?= go
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
+BIN := bin
+ADDR ?= 127.0.0.1:8080
+DB ?= sqlite://copelf.db
+DATA ?= ./copelf-data
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+.PHONY: deps
+deps: ## install what builds and tests need (Go toolchain check, Chromium when missing)
+	@command -v $(GO) >/dev/null || { echo "Go is missing: install Go 1.26 (/usr/local/go/bin)"; exit 1; }
+	@.ci/ensure-deps
+
+.PHONY: build
+build: ## build copelfd (and the agent, when present) into bin/
+	@mkdir -p $(BIN)
+	$(GO) build -o $(BIN)/ ./controlplane/cmd/... $(if $(wildcard agent/cmd),./agent/cmd/...)
+
+.PHONY: run
+run: deps build ## run the control plane in dev mode on SQLite with a seeded demo account
+	$(BIN)/copelfd -dev -addr $(ADDR) -db $(DB) -data-dir $(DATA)
+
+.PHONY: test
+test: deps ## run every test with the race detector
+	$(GO) vet ./...
+	$(GO) test -race -count=1 -timeout 20m ./...
+
+.PHONY: lint
+lint: ## gofmt, go vet and staticcheck
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) run $(STATICCHECK) ./...
+
+.PHONY: bench
+bench: ## print run creations per second and latency over HTTP on SQLite
+	$(GO) test -run='^$$' -bench=BenchmarkRunCreateHTTP -benchtime=5000x ./controlplane/internal/app/
+
+.PHONY: fuzz
+fuzz: ## run each fuzz target for FUZZTIME (default 30s)
+	@for t in $$(grep -rhoE '^func (Fuzz[A-Za-z0-9_]+)' --include='*_test.go' . | sed 's/func //' | sort -u); do \
+	  pkg=$$(grep -rlE "^func $$t\(" --include='*_test.go' . | head -1 | xargs dirname); \
+	  echo "== $$t ($$pkg)"; $(GO) test -run='^$$' -fuzz="^$$t$$" -fuzztime=$${FUZZTIME:-30s} $$pkg || exit 1; \
+	done
+
+.PHONY: clean
+clean: ## remove build output and the dev database
+	rm -rf $(BIN) copelf.db copelf.db-shm copelf.db-wal $(DATA)
