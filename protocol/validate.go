@@ -81,13 +81,19 @@ func DecodeDefinition(data []byte) (*Definition, error) {
 type shapeChecker struct {
 	dec      *json.Decoder
 	problems []FieldProblem
+	root     string
 }
 
 // errStop aborts the walk after a syntax error or too many problems.
 var errStop = errors.New("stop")
 
 func checkShape(data []byte, t reflect.Type) []FieldProblem {
-	c := &shapeChecker{dec: json.NewDecoder(bytes.NewReader(data))}
+	return checkShapeAt(data, t, rootField)
+}
+
+// checkShapeAt is checkShape naming problems about the whole document root.
+func checkShapeAt(data []byte, t reflect.Type, root string) []FieldProblem {
+	c := &shapeChecker{dec: json.NewDecoder(bytes.NewReader(data)), root: root}
 	c.dec.UseNumber()
 	if err := c.value(t, ""); err != nil {
 		return c.problems
@@ -100,7 +106,7 @@ func checkShape(data []byte, t reflect.Type) []FieldProblem {
 
 func (c *shapeChecker) add(path, problem string) error {
 	if path == "" {
-		path = rootField
+		path = c.root
 	}
 	c.problems = append(c.problems, FieldProblem{Field: path, Problem: problem})
 	if len(c.problems) >= maxDecodeIssues {
