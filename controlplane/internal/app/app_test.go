@@ -380,7 +380,9 @@ func TestConfigFlagsAndEnvironment(t *testing.T) {
 		{"run-cost env", nil, map[string]string{"COPELF_RUN_COST": "3"}, func(c app.Config) bool { return c.RunCost == 3 }},
 		{"run-cost zero", []string{"-run-cost", "0"}, nil, func(c app.Config) bool { return c.RunCost == 0 }},
 		{"addr, db, data-dir env", nil, map[string]string{"COPELF_ADDR": "127.0.0.1:9", "COPELF_DB": "sqlite:///tmp/x.db", "COPELF_DATA_DIR": "/tmp/d"},
-			func(c app.Config) bool { return c.Addr == "127.0.0.1:9" && c.DB == "sqlite:///tmp/x.db" && c.DataDir == "/tmp/d" }},
+			func(c app.Config) bool {
+				return c.Addr == "127.0.0.1:9" && c.DB == "sqlite:///tmp/x.db" && c.DataDir == "/tmp/d"
+			}},
 		{"dev env", nil, map[string]string{"COPELF_DEV": "true"}, func(c app.Config) bool { return c.Dev }},
 		{"admin token env", nil, map[string]string{"COPELF_ADMIN_TOKEN": "s3cret"}, func(c app.Config) bool { return c.AdminToken == "s3cret" }},
 		{"allowed-origins env", nil, map[string]string{"COPELF_ALLOWED_ORIGINS": "chrome-extension://abc, http://localhost:3000 ,"},
