@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"time"
 
 	"modernc.org/sqlite"
@@ -43,7 +44,7 @@ func openSQLite(ctx context.Context, file string) (*DB, error) {
 	params.Add("_pragma", "synchronous(NORMAL)")
 	params.Add("_pragma", "foreign_keys(ON)")
 	params.Set("_txlock", "immediate")
-	w, err := sql.Open("sqlite", "file:"+file+"?"+params.Encode())
+	w, err := sql.Open("sqlite", sqliteURI(file, params))
 	if err != nil {
 		return nil, err
 	}
@@ -58,7 +59,7 @@ func openSQLite(ctx context.Context, file string) (*DB, error) {
 	rp := url.Values{}
 	rp.Add("_pragma", "busy_timeout(10000)")
 	rp.Add("_pragma", "query_only(1)")
-	r, err := sql.Open("sqlite", "file:"+file+"?"+rp.Encode())
+	r, err := sql.Open("sqlite", sqliteURI(file, rp))
 	if err != nil {
 		w.Close()
 		return nil, err
@@ -73,4 +74,27 @@ func openSQLite(ctx context.Context, file string) (*DB, error) {
 		return nil, err
 	}
 	return db, nil
+}
+
+// sqliteURI is the SQLite URI of a file path with query parameters. The path
+// is percent-encoded where a URI would read it otherwise ('?' starts the
+// query, '#' a fragment, '%' an escape), so the database is the file the path
+// names; an absolute path gets an empty authority ("file:///…").
+func sqliteURI(file string, params url.Values) string {
+	var b strings.Builder
+	b.WriteString("file:")
+	if strings.HasPrefix(file, "/") {
+		b.WriteString("//")
+	}
+	for i := 0; i < len(file); i++ {
+		switch c := file[i]; {
+		case c == '?' || c == '#' || c == '%' || c < 0x20 || c == 0x7f:
+			fmt.Fprintf(&b, "%%%02X", c)
+		default:
+			b.WriteByte(c)
+		}
+	}
+	b.WriteString("?")
+	b.WriteString(params.Encode())
+	return b.String()
 }
