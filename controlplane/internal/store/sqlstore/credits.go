@@ -119,6 +119,19 @@ func (s *DB) CreditsGet(ctx context.Context, accountID string) (store.Credits, e
 func (s *DB) CreditsGrant(ctx context.Context, p store.CreditsGrantParams) (*store.LedgerEntry, error) {
 	var out *store.LedgerEntry
 	err := s.tx(ctx, func(tx *sql.Tx) error {
+		if p.Key != "" {
+			// A repeat answers with the first entry before any check: a
+			// repeated deduction must not fail for want of credits it
+			// already took.
+			e, err := scanLedger(tx.QueryRowContext(ctx, s.q(`SELECT `+ledgerColumns+` FROM ledger WHERE idem_key = ?`), p.Key))
+			if err == nil {
+				out = e
+				return errAlreadyDone
+			}
+			if !errors.Is(err, sql.ErrNoRows) {
+				return err
+			}
+		}
 		n, err := s.exec(ctx, tx, `UPDATE accounts SET balance = balance + ? WHERE id = ? AND balance + ? >= held`, p.Amount, p.AccountID, p.Amount)
 		if err != nil {
 			return err
