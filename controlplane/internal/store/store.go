@@ -136,6 +136,8 @@ type Run struct {
 	StartedAt         *time.Time           `json:"startedAt,omitempty"`
 	FinishedAt        *time.Time           `json:"finishedAt,omitempty"`
 	CancelRequestedAt *time.Time           `json:"-"`
+	LeaseExpiresAt    *time.Time           `json:"-"`
+	AssignedAt        *time.Time           `json:"-"`
 }
 
 // Approval is a human decision a run waits for.
@@ -267,10 +269,43 @@ type (
 		Status     protocol.RunStatus
 		Page
 	}
+	AgentUpsertParams struct {
+		AccountID string
+		ClientID  string
+		Name      string
+		Kind      string
+		Version   string
+		Labels    map[string]string
+	}
+	RunAssignParams struct {
+		RunID        string
+		AgentID      string
+		LeaseID      string
+		LeaseExpires time.Time
+	}
+	RunEventParams struct {
+		RunID      string
+		LeaseID    string
+		Seq        int64
+		Kind       string // a protocol.EventKind
+		Step       *int
+		Status     string
+		DurationMs *int64
+		Attempts   int
+		// Output is an extract step's value, stored under OutputName.
+		Output     any
+		OutputName string
+		Error      *protocol.Error
+		Outputs    map[string]any
+		Message    string
+		// Body is the event as recorded in the run's history (secrets redacted).
+		Body json.RawMessage
+	}
 	RunStartParams struct {
-		ID      string
-		AgentID string
-		LeaseID string
+		ID           string
+		AgentID      string
+		LeaseID      string
+		LeaseExpires time.Time // zero: unchanged
 	}
 	RunFinishParams struct {
 		ID      string
@@ -385,5 +420,91 @@ type Store interface {
 	IdempotencyFinish(ctx context.Context, rec IdempotencyRecord) error
 	IdempotencyAbort(ctx context.Context, accountID, key string) error
 
+	// Agents and dispatch (API.md §9). A run is claimed by an agent under a
+	// lease while still queued (RunAssign), starts when the agent accepts
+	// (RunStart with the lease), and every later change is fenced by the lease.
+	AgentUpsert(ctx context.Context, p AgentUpsertParams) (*Agent, error)
+	AgentGet(ctx context.Context, id string) (*Agent, error)
+	// RunQueuedList lists an account's queued, unclaimed runs, oldest first,
+	// skipping batch runs whose batch is at its concurrency.
+	RunQueuedList(ctx context.Context, accountID string, limit int) ([]*Run, error)
+	// RunAssign claims queued, unclaimed runs for agents, each at most once;
+	// it returns the runs it claimed (those already claimed, cancelled or
+	// over their batch's concurrency are left out).
+	RunAssign(ctx context.Context, claims []RunAssignParams) ([]*Run, error)
+	// RunRelease gives a claimed but not started run back to the queue.
+	RunRelease(ctx context.Context, runID, leaseID string) error
+	// RunHeartbeat extends the leases of an agent's runs.
+	RunHeartbeat(ctx context.Context, agentID string, runIDs []string, until time.Time) error
+	// RunHeldList lists the runs an agent holds a live lease on.
+	RunHeldList(ctx context.Context, agentID string) ([]*Run, error)
+	// RunLeasesExtend gives every live lease at least until (after a restart,
+	// agents get a full lease to reconnect).
+	RunLeasesExtend(ctx context.Context, until time.Time) error
+	// RunEventApply applies one agent event, once per (LeaseID, Seq).
+	RunEventApply(ctx context.Context, p RunEventParams) (*RunEventResult, error)
+	RunEventList(ctx context.Context, runID string) ([]*RunEvent, error)
+	// RunDueList finds runs that maintenance must move on at now.
+	RunDueList(ctx context.Context, now time.Time, cancelGrace time.Duration, limit int) (*DueRuns, error)
+	// RunExpireLease ends a lease that is still expired at now: a claimed run
+	// goes back to the queue, a started one fails with agent_lost.
+	RunExpireLease(ctx context.Context, runID, leaseID string, now time.Time) (*Run, error)
+
+	ArtifactPut(ctx context.Context, a Artifact) error
+	ArtifactList(ctx context.Context, runID string) ([]*Artifact, error)
+	ArtifactGet(ctx context.Context, runID, name string) (*Artifact, error)
+
 	Close() error
+}
+
+// Agent is the server's record of an agent, keyed by its account and its own
+// stable id (ClientID).
+type Agent struct {
+	ID        string            `json:"id"`
+	AccountID string            `json:"accountId"`
+	ClientID  string            `json:"clientId"`
+	Name      string            `json:"name"`
+	Kind      string            `json:"kind"`
+	Version   string            `json:"version"`
+	Labels    map[string]string `json:"labels"`
+	CreatedAt time.Time         `json:"createdAt"`
+	SeenAt    time.Time         `json:"lastSeenAt"`
+}
+
+// RunEvent is one applied agent event of a run.
+type RunEvent struct {
+	RunID     string          `json:"runId"`
+	Seq       int64           `json:"seq"` // position in the run's history, 1-based
+	LeaseID   string          `json:"-"`
+	LeaseSeq  int64           `json:"-"`
+	Kind      string          `json:"kind"`
+	Body      json.RawMessage `json:"body"`
+	CreatedAt time.Time       `json:"createdAt"`
+}
+
+// RunEventResult says what an event did.
+type RunEventResult struct {
+	// Duplicate is true when (LeaseID, Seq) was applied before: nothing changed.
+	Duplicate bool
+	Run       *Run
+	// Approval is the request opened by an approval_requested event.
+	Approval *Approval
+}
+
+// DueRuns are the runs maintenance must act on.
+type DueRuns struct {
+	LeaseExpired  []*Run // lease not renewed in time
+	CancelOverdue []*Run // cancel requested longer ago than the grace
+	TimedOut      []*Run // running past the definition's timeoutMs
+	QueueTimedOut []*Run // queued past the run's queueTimeoutMs
+}
+
+// Artifact is a file a run produced (a screenshot).
+type Artifact struct {
+	RunID       string    `json:"runId"`
+	Name        string    `json:"name"`
+	ContentType string    `json:"contentType"`
+	Size        int64     `json:"size"`
+	SHA256      string    `json:"sha256"`
+	CreatedAt   time.Time `json:"createdAt"`
 }

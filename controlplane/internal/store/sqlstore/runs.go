@@ -12,7 +12,8 @@ import (
 )
 
 const runColumns = `id, account_id, workflow_id, batch_id, iteration, status, inputs, secret_names, outputs, error, agent_id, attempt, lease_id, steps,
-	queue_reason, queue_since, labels, timeout_ms, queue_timeout_ms, cost_reserved, cost_charged, queued_at, started_at, finished_at, cancel_requested_at`
+	queue_reason, queue_since, labels, timeout_ms, queue_timeout_ms, cost_reserved, cost_charged, queued_at, started_at, finished_at, cancel_requested_at,
+	lease_expires_at, assigned_at`
 
 // activeRunStates is the SQL list of non-terminal run states.
 const activeRunStates = `('queued', 'running', 'awaiting_approval')`
@@ -23,9 +24,9 @@ func scanRun(row interface{ Scan(...any) error }) (*store.Run, error) {
 	var iteration sql.NullInt64
 	var inputs, outputs, steps string
 	var queued int64
-	var queueSince, started, finished, cancelReq sql.NullInt64
+	var queueSince, started, finished, cancelReq, leaseExp, assigned sql.NullInt64
 	err := row.Scan(&r.ID, &r.AccountID, &r.WorkflowID, &batchID, &iteration, &r.Status, &inputs, &secretNames, &outputs, &errJSON, &agentID, &r.Attempt, &leaseID, &steps,
-		&queueReason, &queueSince, &labels, &r.TimeoutMs, &r.QueueTimeoutMs, &r.CostReserved, &r.CostCharged, &queued, &started, &finished, &cancelReq)
+		&queueReason, &queueSince, &labels, &r.TimeoutMs, &r.QueueTimeoutMs, &r.CostReserved, &r.CostCharged, &queued, &started, &finished, &cancelReq, &leaseExp, &assigned)
 	if err != nil {
 		return nil, err
 	}
@@ -56,6 +57,7 @@ func scanRun(row interface{ Scan(...any) error }) (*store.Run, error) {
 	}
 	r.QueuedAt = fromMs(queued)
 	r.QueueSince, r.StartedAt, r.FinishedAt, r.CancelRequestedAt = fromNullMs(queueSince), fromNullMs(started), fromNullMs(finished), fromNullMs(cancelReq)
+	r.LeaseExpiresAt, r.AssignedAt = fromNullMs(leaseExp), fromNullMs(assigned)
 	return &r, nil
 }
 
@@ -223,8 +225,17 @@ func (s *DB) RunStart(ctx context.Context, p store.RunStartParams) (*store.Run, 
 	var out *store.Run
 	err := s.tx(ctx, func(tx *sql.Tx) error {
 		now := s.now()
-		n, err := s.exec(ctx, tx, `UPDATE runs SET status = 'running', agent_id = ?, lease_id = ?, attempt = attempt + 1, started_at = ?,
-			queue_reason = NULL, queue_since = NULL WHERE id = ? AND status = 'queued'`, nullString(p.AgentID), nullString(p.LeaseID), ms(now), p.ID)
+		var expires any
+		if !p.LeaseExpires.IsZero() {
+			expires = ms(p.LeaseExpires)
+		}
+		// A claimed run starts only under its lease; an unclaimed one is
+		// claimed and started at once.
+		n, err := s.exec(ctx, tx, `UPDATE runs SET status = 'running', agent_id = COALESCE(?, agent_id),
+			attempt = CASE WHEN lease_id IS NULL THEN attempt + 1 ELSE attempt END, lease_id = ?,
+			lease_expires_at = COALESCE(?, lease_expires_at), started_at = ?, queue_reason = NULL, queue_since = NULL
+			WHERE id = ? AND status = 'queued' AND (lease_id IS NULL OR lease_id = ?)`,
+			nullString(p.AgentID), nullString(p.LeaseID), expires, ms(now), p.ID, p.LeaseID)
 		if err != nil {
 			return err
 		}
@@ -233,6 +244,9 @@ func (s *DB) RunStart(ctx context.Context, p store.RunStartParams) (*store.Run, 
 			return err
 		}
 		if n == 0 {
+			if r.Status == protocol.RunQueued {
+				return errLeaseLost()
+			}
 			return protocol.Errorf(protocol.CodeConflict, "The run is not queued.").With("status", r.Status)
 		}
 		charged, err := s.captureHold(ctx, tx, r.ID)
@@ -258,12 +272,16 @@ func (s *DB) RunFinish(ctx context.Context, p store.RunFinishParams) (*store.Run
 			return err
 		}
 		if p.LeaseID != "" && r.LeaseID != p.LeaseID {
-			return protocol.Errorf(protocol.CodeConflict, "The lease is no longer the run's current lease.").With("reason", protocol.ReasonLeaseLost)
+			return errLeaseLost()
 		}
 		out, err = s.finishRun(ctx, tx, r, p.Status, p.Error, p.Outputs, p.Steps)
 		return err
 	})
 	return out, err
+}
+
+func errLeaseLost() error {
+	return protocol.Errorf(protocol.CodeConflict, "The lease is no longer the run's current lease.").With("reason", protocol.ReasonLeaseLost)
 }
 
 // noCharge reports whether a run that ends with err costs nothing in the end.
