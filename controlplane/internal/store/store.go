@@ -342,6 +342,7 @@ type (
 	}
 	ApprovalListParams struct {
 		AccountID string // empty: every account
+		RunID     string // empty: every run
 		Status    protocol.ApprovalStatus
 		Page
 	}

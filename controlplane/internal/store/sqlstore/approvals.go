@@ -60,6 +60,10 @@ func (s *DB) ApprovalList(ctx context.Context, p store.ApprovalListParams) ([]*s
 		query += ` AND account_id = ?`
 		args = append(args, p.AccountID)
 	}
+	if p.RunID != "" {
+		query += ` AND run_id = ?`
+		args = append(args, p.RunID)
+	}
 	if p.Status != "" {
 		query += ` AND status = ?`
 		args = append(args, p.Status)
