@@ -15,7 +15,7 @@
 //	         |    succeeded | failed | timed_out | cancelled
 //	         |
 //	         +--> cancelled
-//	         +--> failed (queue_timeout)
+//	         +--> timed_out (queue_timeout)
 //
 // Batch (terminal: completed, cancelled):
 //
@@ -89,7 +89,7 @@ var runMachine = newMachine("run",
 	},
 	map[protocol.RunStatus][]protocol.RunStatus{
 		// failed: queue_timeout.
-		protocol.RunQueued: {protocol.RunRunning, protocol.RunCancelled, protocol.RunFailed},
+		protocol.RunQueued: {protocol.RunRunning, protocol.RunCancelled, protocol.RunTimedOut},
 		protocol.RunRunning: {protocol.RunAwaitingApproval,
 			protocol.RunSucceeded, protocol.RunFailed, protocol.RunTimedOut, protocol.RunCancelled},
 		protocol.RunAwaitingApproval: {protocol.RunRunning,

@@ -109,7 +109,7 @@ func TestRun(t *testing.T) {
 	// Columns: queued running awaiting_approval succeeded failed timed_out cancelled paused <empty>
 	checkMachine(t, states, `
 from\to            qu ru aw su fa ti ca pa em
-queued             .  x  .  .  x  .  x  .  .
+queued             .  x  .  .  .  x  x  .  .
 running            .  .  x  x  x  x  x  .  .
 awaiting_approval  .  x  .  x  x  x  x  .  .
 succeeded          .  .  .  .  .  .  .  .  .

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 
+	"github.com/copelf/copelf/controlplane/internal/fsm"
 	"github.com/copelf/copelf/controlplane/internal/ids"
 	"github.com/copelf/copelf/controlplane/internal/store"
 	"github.com/copelf/copelf/protocol"
@@ -300,6 +301,12 @@ func noCharge(err *protocol.Error) bool {
 // on it: the hold or the charge, pending approvals, the workflow's active
 // slot and the batch.
 func (s *DB) finishRun(ctx context.Context, tx *sql.Tx, r *store.Run, status protocol.RunStatus, runErr *protocol.Error, outputs map[string]any, steps []store.StepRecord) (*store.Run, error) {
+	// The state machine decides which terminal states a run may reach from
+	// where it is (a queued run cannot succeed); the guard below makes the
+	// move happen once.
+	if err := fsm.RunTransition(r.Status, status); err != nil {
+		return nil, err
+	}
 	now := s.now()
 	set := `status = ?, error = ?, finished_at = ?, queue_reason = NULL, queue_since = NULL`
 	args := []any{status, jsonText(runErr), ms(now)}
