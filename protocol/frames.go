@@ -2,6 +2,7 @@ package protocol
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"reflect"
 	"regexp"
@@ -253,14 +254,37 @@ func FrameTypes() []FrameType {
 		FrameEvent, FrameAck, FrameApproval, FrameCancel, FrameHeartbeat}
 }
 
-// EncodeFrame sets the frame's type and encodes it.
+// EncodeFrame encodes f with its type set. f itself is not modified, so one
+// frame may be encoded by several goroutines at once. Nil lists and input maps
+// are sent as [] and {}, never null.
 func EncodeFrame(f Frame) ([]byte, error) {
 	v := reflect.ValueOf(f)
 	if v.Kind() != reflect.Pointer || v.IsNil() {
 		return nil, fmt.Errorf("protocol: EncodeFrame needs a non-nil frame pointer, got %T", f)
 	}
-	v.Elem().FieldByName("Type").SetString(string(f.FrameType()))
-	return json.Marshal(f)
+	cp := reflect.New(v.Elem().Type())
+	cp.Elem().Set(v.Elem())
+	cp.Elem().FieldByName("Type").SetString(string(f.FrameType()))
+	switch c := cp.Interface().(type) {
+	case *Welcome:
+		if c.Runs == nil {
+			c.Runs = []HeldRun{}
+		}
+	case *Heartbeat:
+		if c.Runs == nil {
+			c.Runs = []string{}
+		}
+	case *Assign:
+		if c.Inputs == nil {
+			c.Inputs = map[string]any{}
+		}
+		if d := c.Workflow.Definition; d != nil && d.Variables == nil {
+			dc := *d
+			dc.Variables = []Variable{}
+			c.Workflow.Definition = &dc
+		}
+	}
+	return json.Marshal(cp.Interface())
 }
 
 func frameError(msg string, problems ...FieldProblem) *Error {
@@ -278,18 +302,22 @@ func DecodeFrame(data []byte) (Frame, error) {
 	if len(data) > MaxFrameBytes {
 		return nil, frameError("The frame is too large.").With("reason", "frame_too_large")
 	}
-	var head struct {
-		Type FrameType `json:"type"`
+	if !json.Valid(data) {
+		return nil, frameError("The frame is not valid JSON.", checkShapeAt(data, reflect.TypeFor[any](), "frame")...).With("reason", "malformed_frame")
 	}
-	if err := json.Unmarshal(data, &head); err != nil {
-		if problems := checkShapeAt(data, reflect.TypeFor[map[string]any](), "frame"); len(problems) > 0 {
-			return nil, frameError("The frame is not valid JSON.", problems...).With("reason", "malformed_frame")
-		}
-		return nil, frameError("The frame must be a JSON object with a string \"type\".", FieldProblem{Field: "type", Problem: "must be a string"}).With("reason", "malformed_frame")
+	var obj map[string]json.RawMessage
+	if err := json.Unmarshal(data, &obj); err != nil || obj == nil {
+		return nil, frameError("The frame must be a JSON object.", FieldProblem{Field: "frame", Problem: "must be an object"}).With("reason", "malformed_frame")
 	}
-	f := newFrame(head.Type)
+	var typ FrameType
+	if raw, ok := obj["type"]; !ok {
+		return nil, frameError("The frame has no \"type\".", FieldProblem{Field: "type", Problem: "is required"}).With("reason", "malformed_frame")
+	} else if err := json.Unmarshal(raw, &typ); err != nil || string(raw) == "null" {
+		return nil, frameError("The frame's \"type\" must be a string.", FieldProblem{Field: "type", Problem: "must be a string"}).With("reason", "malformed_frame")
+	}
+	f := newFrame(typ)
 	if f == nil {
-		return nil, frameError(fmt.Sprintf("Unknown frame type %q.", truncate(string(head.Type), 64)), FieldProblem{Field: "type", Problem: "is not a known frame type"}).With("reason", "unknown_frame_type")
+		return nil, frameError(fmt.Sprintf("Unknown frame type %q.", truncate(string(typ), 64)), FieldProblem{Field: "type", Problem: "is not a known frame type"}).With("reason", "unknown_frame_type")
 	}
 	if problems := checkShapeAt(data, reflect.TypeOf(f).Elem(), "frame"); len(problems) > 0 {
 		return nil, frameError("The frame is malformed.", problems...).With("reason", "malformed_frame")
@@ -361,9 +389,12 @@ func (f *Hello) Validate() error {
 func (f *Welcome) Validate() error {
 	var p frameProblems
 	p.check(f.SessionID != "", "sessionId", "is required")
+	p.check(validID(f.AgentID, "agt"), "agentId", "must be an agent id")
 	p.check(f.HeartbeatMs > 0 && f.LeaseMs > 0, "leaseMs", "heartbeatMs and leaseMs must be positive")
 	for i, r := range f.Runs {
 		p.check(validID(r.RunID, "run") && validID(r.LeaseID, "lse"), fmt.Sprintf("runs[%d]", i), "must name a run and its lease")
+		p.check(r.Attempt >= 1, fmt.Sprintf("runs[%d].attempt", i), "must be at least 1")
+		p.check(r.Status.Valid(), fmt.Sprintf("runs[%d].status", i), "must be a run status")
 	}
 	return p.err(FrameWelcome)
 }
@@ -372,6 +403,7 @@ func (f *ErrorFrame) Validate() error {
 	var p frameProblems
 	p.check(f.Code.Valid(), "code", "must be a catalog code")
 	p.check(validText(f.Message, maxTextBytes), "message", "must be at most 4096 bytes")
+	p.check(f.RunID == "" || validID(f.RunID, "run"), "runId", "must be a run id")
 	return p.err(FrameError)
 }
 
@@ -386,13 +418,24 @@ func (f *Assign) Validate() error {
 	p.check(validID(f.RunID, "run"), "runId", "must be a run id")
 	p.check(validID(f.LeaseID, "lse"), "leaseId", "must be a lease id")
 	p.check(f.Attempt >= 1, "attempt", "must be at least 1")
+	p.check(validID(f.Workflow.ID, "wf"), "workflow.id", "must be a workflow id")
 	p.check(f.Workflow.Definition != nil, "workflow.definition", "is required")
 	if f.Workflow.Definition != nil {
-		if err := f.Workflow.Definition.Validate(); err != nil {
-			p.check(false, "workflow.definition", err.Error())
+		var e *Error
+		if err := f.Workflow.Definition.Validate(); errors.As(err, &e) {
+			ps, _ := e.Details["fields"].([]FieldProblem)
+			for _, q := range ps {
+				field := "workflow.definition"
+				if q.Field != rootField {
+					field += "." + q.Field
+				}
+				p.check(false, field, q.Problem)
+			}
 		}
 	}
 	p.check(f.TimeoutMs >= 0, "timeoutMs", "must not be negative")
+	p.check(f.BatchID == "" || validID(f.BatchID, "bat"), "batchId", "must be a batch id")
+	p.check(f.Iteration == nil || *f.Iteration >= 0, "iteration", "must not be negative")
 	return p.err(FrameAssign)
 }
 

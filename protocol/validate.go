@@ -225,6 +225,34 @@ func (c *shapeChecker) valueTok(t reflect.Type, path string, tok json.Token) err
 		}
 		_, err := c.token(path)
 		return err
+	case reflect.Map:
+		if tok != json.Delim('{') || t.Key().Kind() != reflect.String {
+			return c.mismatch(path, tok, "must be an object")
+		}
+		seen := make(map[string]bool)
+		for c.dec.More() {
+			kt, err := c.token(path)
+			if err != nil {
+				return err
+			}
+			key, _ := kt.(string)
+			fp := joinField(path, key)
+			if seen[key] {
+				if err := c.add(fp, "duplicate field"); err != nil {
+					return err
+				}
+				if err := c.skip(fp); err != nil {
+					return err
+				}
+				continue
+			}
+			seen[key] = true
+			if err := c.value(t.Elem(), fp); err != nil {
+				return err
+			}
+		}
+		_, err := c.token(path)
+		return err
 	case reflect.Slice:
 		if tok != json.Delim('[') {
 			return c.mismatch(path, tok, "must be an array")
