@@ -548,7 +548,9 @@ func validationCases() []frameCase {
 		{"welcome leaseMs 0", welcome(func(f *Welcome) { f.LeaseMs = 0 }), []string{"leaseMs"}, false},
 		{"welcome leaseMs negative", welcome(func(f *Welcome) { f.LeaseMs = -30_000 }), []string{"leaseMs"}, false},
 		{"welcome run without lease", welcome(func(f *Welcome) { f.Runs[0].LeaseID = "" }), []string{"runs[0]"}, false},
-		{"welcome run bad id", welcome(func(f *Welcome) { f.Runs = append(f.Runs, HeldRun{RunID: tLease, Attempt: 1, LeaseID: tLease, Status: RunRunning}) }), []string{"runs[1]"}, false},
+		{"welcome run bad id", welcome(func(f *Welcome) {
+			f.Runs = append(f.Runs, HeldRun{RunID: tLease, Attempt: 1, LeaseID: tLease, Status: RunRunning})
+		}), []string{"runs[1]"}, false},
 		{"welcome run attempt 0", welcome(func(f *Welcome) { f.Runs[0].Attempt = 0 }), []string{"runs[0].attempt"}, false},
 		{"welcome run status empty", welcome(func(f *Welcome) { f.Runs[0].Status = "" }), []string{"runs[0].status"}, false},
 		{"welcome run status unknown", welcome(func(f *Welcome) { f.Runs[0].Status = "assigned" }), []string{"runs[0].status"}, false},
