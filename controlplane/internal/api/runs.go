@@ -68,6 +68,15 @@ func redactInputs(inputs map[string]any, secrets []string) map[string]any {
 	return out
 }
 
+// viewRun shows a run; a queued run's reason is live when agents are known.
+func (s *Server) viewRun(r *store.Run) runView {
+	v := viewRun(r)
+	if v.Queue != nil && s.Agents != nil {
+		v.Queue.Reason = s.Agents.QueueReason(r.AccountID, r.Labels)
+	}
+	return v
+}
+
 func viewRun(r *store.Run) runView {
 	v := runView{
 		ID: r.ID, AccountID: r.AccountID, WorkflowID: r.WorkflowID, BatchID: optString(r.BatchID), Iteration: r.Iteration,
@@ -181,7 +190,7 @@ func (s *Server) createRun(w http.ResponseWriter, r *http.Request) error {
 	if s.Hooks != nil {
 		s.Hooks.RunQueued(r.Context(), run)
 	}
-	return writeJSON(w, http.StatusCreated, viewRun(run))
+	return writeJSON(w, http.StatusCreated, s.viewRun(run))
 }
 
 func checkLabels(labels map[string]string) []protocol.FieldProblem {
@@ -224,7 +233,7 @@ func (s *Server) getRun(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	return writeJSON(w, http.StatusOK, viewRun(run))
+	return writeJSON(w, http.StatusOK, s.viewRun(run))
 }
 
 func (s *Server) cancelRun(w http.ResponseWriter, r *http.Request) error {
@@ -242,7 +251,7 @@ func (s *Server) cancelRun(w http.ResponseWriter, r *http.Request) error {
 	if s.Hooks != nil {
 		s.Hooks.RunChanged(r.Context(), run)
 	}
-	return writeJSON(w, http.StatusOK, viewRun(run))
+	return writeJSON(w, http.StatusOK, s.viewRun(run))
 }
 
 func (s *Server) listRuns(w http.ResponseWriter, r *http.Request) error {
@@ -270,7 +279,7 @@ func (s *Server) listRuns(w http.ResponseWriter, r *http.Request) error {
 	}
 	views := make([]runView, len(items))
 	for i, run := range items {
-		views[i] = viewRun(run)
+		views[i] = s.viewRun(run)
 	}
 	return writeJSON(w, http.StatusOK, listBody(views, next))
 }

@@ -28,6 +28,10 @@ type Config struct {
 	RunCost int64
 	// SecureCookies marks the session cookie Secure (behind HTTPS).
 	SecureCookies bool
+	// DataDir holds artifacts (DataDir/artifacts/<runId>/<name>).
+	DataDir string
+	// MaxArtifactBytes bounds one artifact upload (default 10 MiB).
+	MaxArtifactBytes int64
 }
 
 // Server serves the API.
@@ -39,6 +43,8 @@ type Server struct {
 	Now func() time.Time
 	// Hooks are told about state changes (dispatch, events); may be nil.
 	Hooks Hooks
+	// Agents answers questions about connected agents; may be nil.
+	Agents AgentDirectory
 
 	mux *http.ServeMux
 }
@@ -51,10 +57,21 @@ type Hooks interface {
 	ApprovalResolved(ctx context.Context, a *store.Approval)
 }
 
+// AgentDirectory knows the connected agents.
+type AgentDirectory interface {
+	// QueueReason says why a queued run with these required labels waits.
+	QueueReason(accountID string, labels map[string]string) protocol.QueueReason
+	// List returns connected agents of an account, or of all when "".
+	List(accountID string) any
+}
+
 // New returns a Server on st.
 func New(st store.Store, log logrus.FieldLogger, cfg Config) *Server {
 	if cfg.SessionTTL <= 0 {
 		cfg.SessionTTL = 12 * time.Hour
+	}
+	if cfg.MaxArtifactBytes <= 0 {
+		cfg.MaxArtifactBytes = 10 << 20
 	}
 	s := &Server{store: st, log: log, cfg: cfg, Now: time.Now, mux: http.NewServeMux()}
 	s.routes()
@@ -107,6 +124,7 @@ func (s *Server) routes() {
 		s.writeError(w, r, protocol.Errorf(protocol.CodeNotFound, "No route matches %s.", r.URL.Path))
 	})
 	s.handle("/healthz", methods{"GET": s.healthz})
+	s.handle("/v1/openapi.yaml", methods{"GET": s.openapi})
 
 	s.handle("/v1/users", methods{"POST": s.createUser})
 	s.handle("/v1/sessions", methods{"POST": s.createSession})
@@ -123,6 +141,9 @@ func (s *Server) routes() {
 	s.handle("/v1/runs", methods{"GET": s.listRuns})
 	s.handle("/v1/runs/{id}", methods{"GET": s.getRun})
 	s.handle("/v1/runs/{id}/cancel", methods{"POST": s.cancelRun})
+	s.handle("/v1/runs/{id}/artifacts", methods{"GET": s.listArtifacts})
+	s.handle("/v1/runs/{id}/artifacts/{name}", methods{"GET": s.getArtifact, "PUT": s.putArtifact})
+	s.handle("/v1/agents", methods{"GET": s.listAgents})
 
 	s.handle("/v1/approvals", methods{"GET": s.listApprovals})
 	s.handle("/v1/approvals/{id}", methods{"GET": s.getApproval})

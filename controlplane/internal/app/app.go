@@ -15,6 +15,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/copelf/copelf/controlplane/internal/api"
+	"github.com/copelf/copelf/controlplane/internal/hub"
 	"github.com/copelf/copelf/controlplane/internal/store"
 	"github.com/copelf/copelf/controlplane/internal/store/sqlstore"
 )
@@ -52,7 +53,20 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer, ready fun
 		return fmt.Errorf("bootstrap admin: %w", err)
 	}
 
-	srv := api.New(st, log, api.Config{SessionTTL: cfg.SessionTTL, RunCost: cfg.RunCost})
+	srv := api.New(st, log, api.Config{SessionTTL: cfg.SessionTTL, RunCost: cfg.RunCost, DataDir: cfg.DataDir})
+	h := hub.New(st, log, func(ctx context.Context, token string) (*store.User, *store.Token, error) {
+		p, err := srv.Authenticate(ctx, token)
+		if err != nil {
+			return nil, nil, err
+		}
+		return p.User, p.Token, nil
+	}, hub.Config{LeaseTimeout: cfg.LeaseTimeout, AllowedOrigins: cfg.AllowedOrigins})
+	if err := h.Start(ctx); err != nil {
+		return fmt.Errorf("start dispatch: %w", err)
+	}
+	defer h.Close()
+	srv.Hooks, srv.Agents = h, h
+	srv.Handle("/v1/agents/connect", h)
 	if cfg.Dev {
 		if err := seedDev(ctx, st, cfg, baseURL, stdout); err != nil {
 			return fmt.Errorf("dev seed: %w", err)
@@ -82,6 +96,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer, ready fun
 	case <-ctx.Done():
 	}
 	log.Info("shutting down")
+	h.Close() // websocket connections are hijacked: Shutdown does not close them
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
 	if err := hs.Shutdown(sctx); err != nil {

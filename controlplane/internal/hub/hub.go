@@ -319,3 +319,6 @@ func writeEnvelope(w http.ResponseWriter, e *protocol.Error) {
 	w.WriteHeader(out.Code.HTTPStatus())
 	_ = json.NewEncoder(w).Encode(&out)
 }
+
+// List is Agents for the API's directory.
+func (h *Hub) List(accountID string) any { return h.Agents(accountID) }
