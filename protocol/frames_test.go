@@ -427,14 +427,15 @@ func TestDecodeFrameLenient(t *testing.T) {
 	}
 }
 
-// frameCase is one value check: fields lists the expected problem fields, nil
-// for a valid frame.
-type frameCase struct {
-	name   string
-	frame  Frame
-	fields []string
-	// direct: checked with Validate only (the value cannot travel as JSON).
-	direct bool
+// FrameCase is one value check of a frame: Fields lists the fields of the
+// expected problems, nil for a valid frame. Tests of package protocol_test use
+// them too.
+type FrameCase struct {
+	Name   string
+	Frame  Frame
+	Fields []string
+	// Direct: checked with Validate only (the value cannot travel as JSON).
+	Direct bool
 }
 
 func rep(s string, n int) string { return strings.Repeat(s, n) }
@@ -447,7 +448,8 @@ func labelsOf(n int) map[string]string {
 	return m
 }
 
-func validationCases() []frameCase {
+// FrameCases returns valid and invalid frames for every rule of Validate.
+func FrameCases() []FrameCase {
 	hello := func(mut func(*Hello)) *Hello {
 		f := &Hello{Protocol: 1, Token: "copelf_agent_tok", Agent: AgentInfo{ID: "box-1", Name: "Box", Kind: AgentHeadless, Version: "1.0.0", Slots: 1}}
 		mut(f)
@@ -478,9 +480,9 @@ func validationCases() []frameCase {
 	none := func(*Event) {}
 	failed := &Error{Code: CodeUnprocessableEntity, Message: "No element.", Details: map[string]any{"reason": "element_not_found", "step": 1.0}}
 
-	idCases := func(field string, prefix string, set func(string) Frame) []frameCase {
+	idCases := func(field string, prefix string, set func(string) Frame) []FrameCase {
 		body := "k4tq2mzx5bv3hn4wp6yc2drfja"
-		return []frameCase{
+		return []FrameCase{
 			{field + " shortest", set(prefix + "_" + rep("a", 10)), nil, false},
 			{field + " longest", set(prefix + "_" + rep("7", 40)), nil, false},
 			{field + " empty", set(""), []string{field}, false},
@@ -497,7 +499,7 @@ func validationCases() []frameCase {
 		}
 	}
 
-	cases := []frameCase{
+	cases := []FrameCase{
 		// hello
 		{"hello ok", hello(func(*Hello) {}), nil, false},
 		{"hello protocol 2 (the server refuses it)", hello(func(f *Hello) { f.Protocol = 2 }), nil, false},
@@ -669,25 +671,25 @@ func validationCases() []frameCase {
 }
 
 func TestFrameValidate(t *testing.T) {
-	for _, c := range validationCases() {
-		t.Run(c.name, func(t *testing.T) {
+	for _, c := range FrameCases() {
+		t.Run(c.Name, func(t *testing.T) {
 			check := func(how string, err error) {
 				t.Helper()
-				if c.fields == nil {
+				if c.Fields == nil {
 					if err != nil {
 						t.Fatalf("%s: %v (%v)", how, err, asError(t, err).Details)
 					}
 					return
 				}
 				if err == nil {
-					t.Fatalf("%s: accepted, want problems with %v", how, c.fields)
+					t.Fatalf("%s: accepted, want problems with %v", how, c.Fields)
 				}
 				e := asError(t, err)
 				if e.Code != CodeUnprocessableEntity {
 					t.Fatalf("%s: code %q, want unprocessable_entity", how, e.Code)
 				}
-				if got := problemFields(e); !slices.Equal(got, c.fields) {
-					t.Fatalf("%s: fields %v, want %v (%v)", how, got, c.fields, e.Details["fields"])
+				if got := problemFields(e); !slices.Equal(got, c.Fields) {
+					t.Fatalf("%s: fields %v, want %v (%v)", how, got, c.Fields, e.Details["fields"])
 				}
 				for _, p := range e.Details["fields"].([]FieldProblem) {
 					if p.Problem == "" {
@@ -695,18 +697,18 @@ func TestFrameValidate(t *testing.T) {
 					}
 				}
 			}
-			err := c.frame.Validate()
-			if c.fields == nil && err != nil {
+			err := c.Frame.Validate()
+			if c.Fields == nil && err != nil {
 				// A nil *Error in an error interface would not be == nil.
 				if reflect.ValueOf(err).IsNil() {
 					t.Fatal("Validate returned a typed nil")
 				}
 			}
 			check("Validate", err)
-			if c.direct {
+			if c.Direct {
 				return
 			}
-			_, err = DecodeFrame(mustEncode(t, c.frame))
+			_, err = DecodeFrame(mustEncode(t, c.Frame))
 			check("DecodeFrame", err)
 		})
 	}
