@@ -57,7 +57,8 @@ func (s *Server) idempotent(h handlerFunc) handlerFunc {
 		}
 		r.Body = io.NopCloser(bytes.NewReader(body))
 		sum := sha256.New()
-		io.WriteString(sum, r.Method+" "+r.URL.Path+"\n"+r.Header.Get("Content-Type")+"\n")
+		// The query is part of the request (a CSV batch takes its settings there).
+		io.WriteString(sum, r.Method+" "+r.URL.Path+"?"+r.URL.Query().Encode()+"\n"+r.Header.Get("Content-Type")+"\n")
 		sum.Write(body)
 		rec := store.IdempotencyRecord{AccountID: p.AccountID(), Key: key, RequestHash: hex.EncodeToString(sum.Sum(nil))}
 
