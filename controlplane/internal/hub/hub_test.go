@@ -214,8 +214,11 @@ func (e *env) ok(method, path string, body any) map[string]any {
 	return res.body
 }
 
-func (e *env) post(path string, body any) map[string]any { e.t.Helper(); return e.ok("POST", path, body) }
-func (e *env) get(path string) map[string]any            { e.t.Helper(); return e.ok("GET", path, nil) }
+func (e *env) post(path string, body any) map[string]any {
+	e.t.Helper()
+	return e.ok("POST", path, body)
+}
+func (e *env) get(path string) map[string]any { e.t.Helper(); return e.ok("GET", path, nil) }
 
 // wantEnvelope checks an error answer: status, code and the envelope's shape.
 func wantEnvelope(t testing.TB, res *response, status int, code protocol.Code) {
@@ -380,9 +383,11 @@ func (r *recorder) notify(f func()) {
 	r.wake = make(chan struct{})
 }
 
-func (r *recorder) RunChanged(*store.Run)             { r.notify(nil) }
-func (r *recorder) ApprovalCreated(a *store.Approval) { r.notify(func() { r.approvals = append(r.approvals, a) }) }
-func (r *recorder) AgentChanged(string)               { r.notify(func() { r.agents++ }) }
+func (r *recorder) RunChanged(*store.Run) { r.notify(nil) }
+func (r *recorder) ApprovalCreated(a *store.Approval) {
+	r.notify(func() { r.approvals = append(r.approvals, a) })
+}
+func (r *recorder) AgentChanged(string) { r.notify(func() { r.agents++ }) }
 
 // client is a protocol client over a real websocket. A reader goroutine
 // decodes every frame into a queue; heartbeat answers are counted and
@@ -393,9 +398,9 @@ type client struct {
 	ws     *websocket.Conn
 	frames chan item
 	done   chan struct{}
-	err    error // why the reader stopped; set before done is closed
-	hbs    atomic.Int64  // heartbeat answers read
-	hbc    chan struct{} // signalled at each heartbeat answer
+	err    error            // why the reader stopped; set before done is closed
+	hbs    atomic.Int64     // heartbeat answers read
+	hbc    chan struct{}    // signalled at each heartbeat answer
 	seqs   map[string]int64 // last seq sent per lease
 	once   sync.Once
 }
@@ -406,7 +411,9 @@ type item struct {
 	err error
 }
 
-func (e *env) wsURL() string { return "ws" + strings.TrimPrefix(e.srv.URL, "http") + "/v1/agents/connect" }
+func (e *env) wsURL() string {
+	return "ws" + strings.TrimPrefix(e.srv.URL, "http") + "/v1/agents/connect"
+}
 
 // dial opens a websocket with the copelf subprotocol.
 func (e *env) dial(header http.Header) (*websocket.Conn, *http.Response, error) {
