@@ -182,7 +182,7 @@ func TestSchemaRejectsInvalidValues(t *testing.T) {
 // TestSchemaRejectsMalformedFrames: frames DecodeFrame refuses as malformed
 // (wrong JSON types, unknown fields, unknown types) are refused by every schema.
 // Not expressible in JSON Schema, so not listed: malformed JSON, duplicate
-// keys, frames over 1 MiB, integers written as 1.0, integers beyond int64.
+// keys, frames over 1 MiB, integers written as 1.0.
 func TestSchemaRejectsMalformedFrames(t *testing.T) {
 	run, lse, wf := `"run_k4tq2mzx5bv3hn4wp6yc2drfja"`, `"lse_m2zq7t4xkbv5hnw3pc6yd2rfja"`, `"wf_t2kq7m4zxbv5hnw3pc6yd2rfja"`
 	agent := `{"id":"a","name":"n","kind":"headless","version":"1","slots":1}`
@@ -224,6 +224,8 @@ func TestSchemaRejectsMalformedFrames(t *testing.T) {
 		`{"type":"event","runId":` + run + `,"leaseId":` + lse + `,"seq":1,"kind":"started","error":{"code":"internal","message":"x","stack":"…"}}`,
 		`{"type":"event","runId":` + run + `,"leaseId":` + lse + `,"seq":1,"kind":"started","durationMs":1.5}`,
 		`{"type":"ack","runId":` + run + `,"seq":[1]}`,
+		`{"type":"ack","runId":` + run + `,"seq":9223372036854775808}`,
+		`{"type":"event","runId":` + run + `,"leaseId":` + lse + `,"seq":1,"kind":"started","durationMs":1e20}`,
 		`{"type":"approval","runId":` + run + `,"approvalId":"apr_h6kq7m4zxbv5tnw3pc2yd2rfja","approved":"yes"}`,
 		`{"type":"cancel","runId":` + run + `,"reason":{"text":"x"}}`,
 		`{"type":"heartbeat","runs":` + run + `}`,
