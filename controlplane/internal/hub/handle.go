@@ -85,6 +85,15 @@ func (c *conn) accept(ctx context.Context, f *protocol.Accept) {
 		c.sendError(c.checkForeign(ctx, f.RunID), f.RunID)
 		return
 	}
+	c.h.mu.Lock()
+	accepted := hr.accepted
+	c.h.mu.Unlock()
+	if accepted {
+		// A repeated accept of the lease the agent runs under changes
+		// nothing; answering it with an error would make the hub forget a
+		// run the agent is executing.
+		return
+	}
 	r, err := c.h.store.RunStart(ctx, store.RunStartParams{ID: f.RunID, AgentID: c.agentID, LeaseID: f.LeaseID, LeaseExpires: c.h.Now().Add(c.h.cfg.LeaseTimeout)})
 	if err != nil {
 		c.forget(f.RunID)
