@@ -20,6 +20,7 @@ import (
 // heldRun is what the hub keeps about a run an agent holds.
 type heldRun struct {
 	leaseID  string
+	workflow string // the workflow's name
 	def      *protocol.Definition
 	secrets  []string // secret input values, scrubbed from recorded events
 	accepted bool
@@ -197,12 +198,14 @@ func (h *Hub) hello(ws *websocket.Conn, log logrus.FieldLogger) (*conn, error) {
 		}
 	}
 	c.free = max(hello.Agent.Slots-len(held), 0)
-	if err := h.register(c); err != nil {
-		return nil, err
-	}
+	// Queued before the connection is registered: once it is, the
+	// dispatcher may push an assign, and welcome must come first.
 	c.sendFrame(welcome)
 	for _, f := range resend {
 		c.sendFrame(f)
+	}
+	if err := h.register(c); err != nil {
+		return nil, err
 	}
 	h.Kick(c.accountID)
 	if h.Listener != nil {
@@ -221,7 +224,7 @@ func (h *Hub) heldFor(ctx context.Context, r *store.Run) (*heldRun, error) {
 	if err := json.Unmarshal(wf.Definition, &def); err != nil {
 		return nil, err
 	}
-	hr := &heldRun{leaseID: r.LeaseID, def: &def}
+	hr := &heldRun{leaseID: r.LeaseID, workflow: wf.Name, def: &def}
 	for _, name := range r.SecretNames {
 		if s, ok := r.Inputs[name].(string); ok && s != "" {
 			hr.secrets = append(hr.secrets, s)
