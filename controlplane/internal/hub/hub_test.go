@@ -672,7 +672,7 @@ func TestLifecycle(t *testing.T) {
 	}
 	run := e.runOn(nil)
 	a := c.expectAssign(run)
-	if a.Attempt != 1 || a.Inputs["q"] != "x" || a.Workflow.Definition == nil || len(a.Workflow.Definition.Steps) != 2 {
+	if a.Attempt != 1 || a.Inputs["q"] != "x" || a.Workflow.Name != "wf" || a.Workflow.Definition == nil || len(a.Workflow.Definition.Steps) != 2 {
 		t.Fatalf("assign: %+v", a)
 	}
 	e.credits(e.account, 100, 1)
