@@ -132,6 +132,8 @@ func (s *DB) RunRelease(ctx context.Context, runID, leaseID string) error {
 	return nil
 }
 
+// RunHeartbeat extends only started runs: an assign's accept deadline cannot
+// be pushed back by listing it.
 func (s *DB) RunHeartbeat(ctx context.Context, agentID string, runIDs []string, until time.Time) error {
 	if len(runIDs) == 0 {
 		return nil
@@ -141,7 +143,7 @@ func (s *DB) RunHeartbeat(ctx context.Context, agentID string, runIDs []string, 
 		args = append(args, id)
 	}
 	_, err := s.exec(ctx, s.w, `UPDATE runs SET lease_expires_at = ? WHERE agent_id = ? AND id IN (`+placeholders(len(runIDs))+`)
-		AND lease_id IS NOT NULL AND status IN `+activeRunStates, args...)
+		AND lease_id IS NOT NULL AND status IN ('running', 'awaiting_approval')`, args...)
 	return err
 }
 
