@@ -125,7 +125,7 @@ func (c *conn) reject(ctx context.Context, f *protocol.Reject) {
 func (c *conn) event(ctx context.Context, f *protocol.Event) {
 	hr := c.held(f.RunID, f.LeaseID)
 	if hr == nil {
-		c.sendError(c.checkForeign(ctx, f.RunID), f.RunID)
+		c.eventNotHeld(ctx, f)
 		return
 	}
 	p := store.RunEventParams{RunID: f.RunID, LeaseID: f.LeaseID, Seq: f.Seq, Kind: string(f.Kind), Step: f.Step, Status: f.Status,
@@ -152,11 +152,13 @@ func (c *conn) event(ctx context.Context, f *protocol.Event) {
 		return
 	}
 	c.sendFrame(&protocol.Ack{RunID: f.RunID, Seq: f.Seq})
+	if res.Run.Status.Terminal() {
+		// Also on a duplicate: another connection of this agent may have
+		// applied the finish while this one held the run.
+		c.forget(f.RunID)
+	}
 	if res.Duplicate {
 		return
-	}
-	if res.Run.Status.Terminal() {
-		c.forget(f.RunID)
 	}
 	if l := c.h.Listener; l != nil {
 		l.RunChanged(res.Run)
@@ -164,6 +166,25 @@ func (c *conn) event(ctx context.Context, f *protocol.Event) {
 			l.ApprovalCreated(res.Approval)
 		}
 	}
+}
+
+// eventNotHeld answers an event about a run this connection does not hold.
+// An agent resends the events whose acks it lost, in order, after a
+// reconnect; when they finished the run, the new connection does not hold
+// it, yet each was applied and is acknowledged again. Anything else is
+// refused.
+func (c *conn) eventNotHeld(ctx context.Context, f *protocol.Event) {
+	r, err := c.h.store.RunGet(ctx, f.RunID)
+	if err == nil && r.AccountID == c.accountID && r.AgentID == c.agentID && r.LeaseID == f.LeaseID && r.Status.Terminal() {
+		// A terminal run takes no new event: the store only tells whether
+		// (lease, seq) was applied.
+		res, err := c.h.store.RunEventApply(ctx, store.RunEventParams{RunID: f.RunID, LeaseID: f.LeaseID, Seq: f.Seq, Kind: string(f.Kind)})
+		if err == nil && res.Duplicate {
+			c.sendFrame(&protocol.Ack{RunID: f.RunID, Seq: f.Seq})
+			return
+		}
+	}
+	c.sendError(c.checkForeign(ctx, f.RunID), f.RunID)
 }
 
 func isConflict(err error, pe **protocol.Error) bool {
