@@ -249,7 +249,7 @@ func (h *Hub) register(c *conn) error {
 	h.mu.Unlock()
 	if old != nil {
 		old.sendFrame(&protocol.ErrorFrame{Code: protocol.CodeConflict, Message: "Another connection of this agent took over.", Details: map[string]any{"reason": "session_replaced"}})
-		old.close(websocket.ClosePolicyViolation, "session replaced")
+		old.closeAfterQueued(websocket.ClosePolicyViolation, "session replaced")
 	}
 	return nil
 }
@@ -300,6 +300,24 @@ func (c *conn) close(code int, reason string) {
 	})
 }
 
+// closeMark is a queued request to close the connection: the writer sends
+// the frames queued before it, then the close frame. A JSON frame never
+// starts with a zero byte.
+func closeMark(code int, reason string) []byte {
+	return append([]byte{0, byte(code >> 8), byte(code)}, reason...)
+}
+
+// closeAfterQueued ends the connection once the frames queued so far are
+// written (an error frame that explains the close reaches the agent).
+func (c *conn) closeAfterQueued(code int, reason string) {
+	select {
+	case <-c.done:
+	case c.send <- closeMark(code, reason):
+	default:
+		c.close(code, reason)
+	}
+}
+
 // writeLoop is the only writer of frames; it pings to detect dead peers.
 func (c *conn) writeLoop() {
 	defer c.h.wg.Done()
@@ -310,6 +328,10 @@ func (c *conn) writeLoop() {
 		case <-c.done:
 			return
 		case data := <-c.send:
+			if len(data) >= 3 && data[0] == 0 {
+				c.close(int(data[1])<<8|int(data[2]), string(data[3:]))
+				return
+			}
 			_ = c.ws.SetWriteDeadline(time.Now().Add(c.h.cfg.WriteTimeout))
 			if err := c.ws.WriteMessage(websocket.TextMessage, data); err != nil {
 				c.close(websocket.CloseAbnormalClosure, "")
