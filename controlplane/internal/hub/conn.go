@@ -94,9 +94,14 @@ func (h *Hub) serveConn(ws *websocket.Conn, requestID string) {
 	c.log.Info("agent connected")
 	h.wg.Add(1)
 	go c.writeLoop()
-	c.readLoop()
+	unruly := c.readLoop()
 	h.unregister(c)
-	c.close(websocket.CloseNormalClosure, "")
+	if unruly {
+		// The error frames queued so far explain the close.
+		c.closeAfterQueued(websocket.ClosePolicyViolation, "too many malformed frames")
+	} else {
+		c.close(websocket.CloseNormalClosure, "")
+	}
 	c.log.Info("agent disconnected")
 	if h.Listener != nil {
 		h.Listener.AgentChanged(c.accountID)
@@ -347,8 +352,9 @@ func (c *conn) writeLoop() {
 }
 
 // readLoop reads frames until the connection ends. A peer silent for longer
-// than the lease (no frame, no pong) is dropped.
-func (c *conn) readLoop() {
+// than the lease (no frame, no pong) is dropped. It reports whether it gave
+// up on a peer that sent too many malformed frames.
+func (c *conn) readLoop() (unruly bool) {
 	deadline := func() { _ = c.ws.SetReadDeadline(time.Now().Add(c.h.cfg.LeaseTimeout + c.h.cfg.LeaseTimeout/2)) }
 	deadline()
 	c.ws.SetPongHandler(func(string) error { deadline(); return nil })
@@ -359,7 +365,7 @@ func (c *conn) readLoop() {
 			if errors.Is(err, websocket.ErrReadLimit) {
 				c.log.Warn("agent frame over the size limit; closing")
 			}
-			return
+			return false
 		}
 		deadline()
 		c.h.mu.Lock()
@@ -376,7 +382,7 @@ func (c *conn) readLoop() {
 		}
 		if bad > 20 {
 			c.log.Warn("too many malformed frames; closing")
-			return
+			return true
 		}
 	}
 }
