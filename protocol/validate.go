@@ -72,6 +72,9 @@ func DecodeDefinition(data []byte) (*Definition, error) {
 	if err := d.Validate(); err != nil {
 		return nil, err
 	}
+	if d.Variables == nil {
+		d.Variables = []Variable{} // arrays are [], never null (API.md §12)
+	}
 	return &d, nil
 }
 

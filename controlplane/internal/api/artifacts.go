@@ -143,6 +143,42 @@ func (s *Server) getArtifact(w http.ResponseWriter, r *http.Request) error {
 	if !strings.HasPrefix(a.ContentType, "image/") {
 		w.Header().Set("Content-Disposition", fmt.Sprintf("attachment; filename=%q", a.Name))
 	}
-	http.ServeContent(w, r, "", a.CreatedAt, f)
-	return nil
+	// Range and conditional requests are honoured; their failures are
+	// answered with the envelope instead of ServeContent's plain text.
+	g := &failureGuard{ResponseWriter: w}
+	http.ServeContent(g, r, "", a.CreatedAt, f)
+	switch g.failed {
+	case 0, http.StatusNotModified:
+		return nil
+	case http.StatusRequestedRangeNotSatisfiable:
+		return protocol.Errorf(protocol.CodeBadRequest, "The requested range is outside the artifact.").With("reason", "range_not_satisfiable").With("size", a.Size)
+	case http.StatusPreconditionFailed:
+		return protocol.Errorf(protocol.CodeConflict, "The artifact does not match the request's precondition.").With("reason", "precondition_failed")
+	}
+	return protocol.Errorf(protocol.CodeBadRequest, "The artifact request cannot be answered.").With("status", g.failed)
+}
+
+// failureGuard swallows an error status and body written by
+// http.ServeContent so that the caller can answer with the envelope.
+type failureGuard struct {
+	http.ResponseWriter
+	failed int
+}
+
+func (g *failureGuard) WriteHeader(code int) {
+	if code >= 400 {
+		g.failed = code
+		for _, h := range []string{"Content-Type", "Content-Range", "Content-Length", "Content-Disposition"} {
+			g.Header().Del(h)
+		}
+		return
+	}
+	g.ResponseWriter.WriteHeader(code)
+}
+
+func (g *failureGuard) Write(b []byte) (int, error) {
+	if g.failed != 0 {
+		return len(b), nil
+	}
+	return g.ResponseWriter.Write(b)
 }

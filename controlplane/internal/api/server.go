@@ -7,6 +7,8 @@ package api
 import (
 	"context"
 	"net/http"
+	"os"
+	"path/filepath"
 	"sort"
 	"strings"
 	"time"
@@ -70,6 +72,9 @@ func New(st store.Store, log logrus.FieldLogger, cfg Config) *Server {
 	if cfg.SessionTTL <= 0 {
 		cfg.SessionTTL = 12 * time.Hour
 	}
+	if cfg.DataDir == "" {
+		cfg.DataDir = filepath.Join(os.TempDir(), "copelf-data")
+	}
 	if cfg.MaxArtifactBytes <= 0 {
 		cfg.MaxArtifactBytes = 10 << 20
 	}
@@ -111,7 +116,19 @@ func (s *Server) handle(pattern string, m methods) {
 
 // ServeHTTP runs the middleware chain and the routes.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	s.middleware(s.mux).ServeHTTP(w, r)
+	s.middleware(http.HandlerFunc(s.route)).ServeHTTP(w, r)
+}
+
+// route answers paths that are not in clean form with not_found (the mux
+// would redirect them with an HTML body), then hands over to the mux.
+func (s *Server) route(w http.ResponseWriter, r *http.Request) {
+	p := r.URL.Path
+	if strings.Contains(p, "//") || strings.Contains(p, "/./") || strings.Contains(p, "/../") ||
+		strings.HasSuffix(p, "/.") || strings.HasSuffix(p, "/..") {
+		s.writeError(w, r, protocol.Errorf(protocol.CodeNotFound, "No route matches this path."))
+		return
+	}
+	s.mux.ServeHTTP(w, r)
 }
 
 // Handle mounts an extra handler (websocket, dashboard) on the API's mux,
