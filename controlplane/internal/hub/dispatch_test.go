@@ -155,13 +155,7 @@ func TestQueueReasons(t *testing.T) {
 	}
 	c.close()
 	// The agent is gone: once the hub has unregistered it, nobody is connected.
-	deadline := time.Now().Add(wait)
-	for len(e.hub.Agents(e.user.ID)) != 0 {
-		<-e.events.changed()
-		if time.Now().After(deadline) {
-			t.Fatal("agent still listed")
-		}
-	}
+	e.waitFor("unregistered", func() bool { return len(e.hub.Agents(e.user.ID)) == 0 })
 	if got := e.queueReason(second); got != string(protocol.QueueNoAgentConnected) {
 		t.Fatalf("agent gone: %q", got)
 	}
@@ -188,10 +182,12 @@ func TestDispatchBatchConcurrency(t *testing.T) {
 			t.Fatalf("assign: %+v", a)
 		}
 		seen[*a.Iteration] = true
-		c.start(a)
 		return a
 	}
+	// Both assigns come at once; then each finished run lets one more in.
 	active := []*protocol.Assign{take(), take()}
+	c.start(active[0])
+	c.start(active[1])
 	for len(active) > 0 {
 		c.sync()
 		c.quiet() // a third assign would be waiting here
@@ -199,7 +195,9 @@ func TestDispatchBatchConcurrency(t *testing.T) {
 		active = active[1:]
 		// One run finished, one slot of the batch is free.
 		if len(seen) < len(iters) {
-			active = append(active, take())
+			a := take()
+			c.start(a)
+			active = append(active, a)
 		}
 	}
 	got := e.get("/v1/batches/" + id)

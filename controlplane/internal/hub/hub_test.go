@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -27,7 +28,53 @@ import (
 	"github.com/copelf/copelf/protocol"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+func TestMain(m *testing.M) { goleak.VerifyTestMain(mainRunner{m}) }
+
+type mainRunner struct{ m *testing.M }
+
+func (r mainRunner) Run() int {
+	code := r.m.Run()
+	if template.dir != "" {
+		os.RemoveAll(template.dir)
+	}
+	return code
+}
+
+// template is a migrated, empty database, copied for each env: migrating
+// a fresh SQLite file per test is slow under -race.
+var template struct {
+	once sync.Once
+	dir  string
+	db   []byte
+	err  error
+}
+
+func migratedDB(t testing.TB) string {
+	t.Helper()
+	template.once.Do(func() {
+		if template.dir, template.err = os.MkdirTemp("", "hubtest-"); template.err != nil {
+			return
+		}
+		file := filepath.Join(template.dir, "template.db")
+		st, err := sqlstore.Open(context.Background(), "sqlite://"+file)
+		if err != nil {
+			template.err = err
+			return
+		}
+		if template.err = st.Close(); template.err != nil {
+			return
+		}
+		template.db, template.err = os.ReadFile(file)
+	})
+	if template.err != nil {
+		t.Fatal(template.err)
+	}
+	file := filepath.Join(t.TempDir(), "copelf.db")
+	if err := os.WriteFile(file, template.db, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return file
+}
 
 // wait bounds every wait for a frame or a state change. Generous: the
 // tests run under -race on two shared cores.
@@ -86,7 +133,7 @@ func newEnv(t testing.TB, cfg hub.Config, opts ...envOption) *env {
 		})
 	}
 	ctx := context.Background()
-	st, err := sqlstore.Open(ctx, "sqlite://"+filepath.Join(t.TempDir(), "copelf.db"))
+	st, err := sqlstore.Open(ctx, "sqlite://"+migratedDB(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -294,6 +341,25 @@ func (e *env) waitRun(id string, what string, ok func(*store.Run) bool) *store.R
 		case <-changed:
 		case <-deadline.C:
 			e.t.Fatalf("run %s: still not %s: status %s, lease %q, agent %q, error %+v", id, what, r.Status, r.LeaseID, r.AgentID, r.Error)
+		}
+	}
+}
+
+// waitFor waits until cond holds, re-checking at every change the hub's
+// listener reports.
+func (e *env) waitFor(what string, cond func() bool) {
+	e.t.Helper()
+	deadline := time.NewTimer(wait)
+	defer deadline.Stop()
+	for {
+		changed := e.events.changed()
+		if cond() {
+			return
+		}
+		select {
+		case <-changed:
+		case <-deadline.C:
+			e.t.Fatalf("still not %s after %s", what, wait)
 		}
 	}
 }
