@@ -49,21 +49,33 @@ type claim struct {
 	p    store.RunAssignParams
 }
 
+// maxQueueScan bounds how far down an account's queue one dispatch looks
+// past runs that no connected agent can take (labels).
+const maxQueueScan = 4096
+
 // dispatchAccount claims as many of an account's queued runs as its agents
 // have free slots for, and pushes the assigns.
 func (h *Hub) dispatchAccount(ctx context.Context, accountID string) error {
+	limit := 0
 	for {
 		free := h.freeSlots(accountID)
 		if free == 0 {
 			return nil
 		}
-		runs, err := h.store.RunQueuedList(ctx, accountID, free+16)
+		limit = max(limit, free+16)
+		runs, err := h.store.RunQueuedList(ctx, accountID, limit)
 		if err != nil || len(runs) == 0 {
 			return err
 		}
 		claims := h.plan(runs)
 		if len(claims) == 0 {
-			return nil
+			// The oldest runs wait for agents that are not connected
+			// (labels); they must not hold up the runs behind them.
+			if len(runs) < limit || limit >= maxQueueScan {
+				return nil
+			}
+			limit = min(limit*4, maxQueueScan)
+			continue
 		}
 		params := make([]store.RunAssignParams, len(claims))
 		for i, cl := range claims {
@@ -84,7 +96,10 @@ func (h *Hub) dispatchAccount(ctx context.Context, accountID string) error {
 				h.assign(ctx, cl.conn, r)
 			}
 		}
-		if len(claimed) < len(claims) || len(runs) < free+16 {
+		// A claim can fail when a batch reached its concurrency: the slot
+		// went back and another run may take it. Every round claims a run,
+		// so this ends.
+		if len(claimed) == 0 || (len(claimed) == len(claims) && len(runs) < limit) {
 			return nil
 		}
 	}

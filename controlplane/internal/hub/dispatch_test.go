@@ -327,3 +327,46 @@ func TestDispatchManyAgentsManyRuns(t *testing.T) {
 		c.quiet()
 	}
 }
+
+// Runs no connected agent can take do not hold up the ones behind them.
+func TestDispatchUnmatchedRunsDoNotBlockTheQueue(t *testing.T) {
+	e := newEnv(t, hub.Config{LeaseTimeout: 30 * time.Second})
+	for range 40 {
+		e.runOn(map[string]any{"labels": map[string]string{"gpu": "1"}})
+	}
+	plain := e.runOn(nil)
+	c, _ := e.connect("cpu-only", 1)
+	a := c.expectAssign(plain)
+	c.start(a)
+	c.finish(a, protocol.RunSucceeded)
+	e.waitStatus(plain, protocol.RunSucceeded)
+}
+
+// Slots planned for batch runs that the batch's concurrency then refused go
+// to the runs behind them in the same dispatch, not at the next sweep.
+func TestDispatchBatchLimitLeavesSlotsToOthers(t *testing.T) {
+	e := newEnv(t, hub.Config{LeaseTimeout: 30 * time.Second, SweepInterval: time.Hour})
+	wf := e.workflow()
+	iters := make([]map[string]any, 6)
+	for i := range iters {
+		iters[i] = map[string]any{"inputs": map[string]any{"q": fmt.Sprint(i)}}
+	}
+	b := e.post("/v1/workflows/"+wf+"/batches", map[string]any{"iterations": iters, "concurrency": 2})
+	e.post("/v1/batches/"+b["id"].(string)+"/start", nil)
+	plain := e.runOn(nil)
+	c, _ := e.connect("four", 4)
+	got := map[string]bool{}
+	batch := 0
+	for range 3 {
+		a := c.expectAssign("")
+		got[a.RunID] = true
+		if a.BatchID != "" {
+			batch++
+		}
+	}
+	if !got[plain] || batch != 2 {
+		t.Fatalf("assigned %v (batch runs %d), want the plain run and two of the batch", got, batch)
+	}
+	c.sync()
+	c.quiet()
+}
