@@ -70,6 +70,10 @@ func baseArgs(dir string) []string {
 	}
 }
 
+// readyTimeout bounds a start: generous, because bcrypt under -race on a
+// loaded machine takes seconds.
+const readyTimeout = 2 * time.Minute
+
 // startApp runs the program with args until the test ends (or stop).
 func startApp(t *testing.T, args ...string) *instance {
 	t.Helper()
@@ -85,9 +89,9 @@ func startApp(t *testing.T, args ...string) *instance {
 	case err := <-in.done:
 		cancel()
 		t.Fatalf("Run returned before serving: %v\nstderr:\n%s", err, in.Stderr)
-	case <-time.After(30 * time.Second):
+	case <-time.After(readyTimeout):
 		cancel()
-		t.Fatalf("Run did not become ready within 30s\nstderr:\n%s", in.Stderr)
+		t.Fatalf("Run did not become ready within %v\nstderr:\n%s", readyTimeout, in.Stderr)
 	}
 	t.Cleanup(func() {
 		if err := in.stop(); err != nil {
@@ -104,8 +108,8 @@ func (in *instance) stop() error {
 		in.cancel()
 		select {
 		case in.stopErr = <-in.done:
-		case <-time.After(10 * time.Second):
-			in.stopErr = errors.New("Run did not return within 10s of cancellation")
+		case <-time.After(30 * time.Second):
+			in.stopErr = errors.New("Run did not return within 30s of cancellation")
 		}
 	})
 	return in.stopErr
@@ -512,7 +516,7 @@ func TestSessionTTLFromEnvironment(t *testing.T) {
 		expect(t, "GET /v1/me with a fresh session", status, me, http.StatusOK)
 	}
 
-	deadline := time.NewTimer(15 * time.Second)
+	deadline := time.NewTimer(time.Minute)
 	defer deadline.Stop()
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()
@@ -531,7 +535,7 @@ func TestSessionTTLFromEnvironment(t *testing.T) {
 		select {
 		case <-tick.C:
 		case <-deadline.C:
-			t.Fatalf("session still accepted 15s after a 1500ms TTL: %v", body)
+			t.Fatalf("session still accepted a minute after a 1500ms TTL: %v", body)
 		}
 	}
 }
@@ -548,7 +552,7 @@ func TestGracefulShutdown(t *testing.T) {
 	if err := in.stop(); err != nil {
 		t.Fatalf("Run after cancellation: %v, want nil", err)
 	}
-	if d := time.Since(start); d > 5*time.Second {
+	if d := time.Since(start); d > 10*time.Second {
 		t.Errorf("shutdown took %v", d)
 	}
 	c.CloseIdleConnections()
