@@ -40,6 +40,9 @@ type conn struct {
 	closeOnce sync.Once
 
 	// Guarded by h.mu.
+	// rejected remembers runs this agent refused, so that they are not
+	// pushed straight back to it (until the time stored).
+	rejected    map[string]time.Time
 	free        int
 	runs        map[string]*heldRun
 	connectedAt time.Time

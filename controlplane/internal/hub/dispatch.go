@@ -121,11 +121,12 @@ func (h *Hub) plan(runs []*store.Run) []claim {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	var out []claim
-	expires := h.Now().Add(h.cfg.LeaseTimeout)
+	now := h.Now()
+	expires := now.Add(h.cfg.LeaseTimeout)
 	for _, r := range runs {
 		var best *conn
 		for _, c := range h.byAcct[r.AccountID] {
-			if c.free > 0 && labelsMatch(c.info.Labels, r.Labels) && (best == nil || c.free > best.free) {
+			if c.free > 0 && labelsMatch(c.info.Labels, r.Labels) && !c.refusedLocked(r.ID, now) && (best == nil || c.free > best.free) {
 				best = c
 			}
 		}
@@ -136,6 +137,16 @@ func (h *Hub) plan(runs []*store.Run) []claim {
 		out = append(out, claim{run: r, conn: best, p: store.RunAssignParams{RunID: r.ID, AgentID: best.agentID, LeaseID: ids.New(ids.Lease), LeaseExpires: expires}})
 	}
 	return out
+}
+
+// refusedLocked reports whether the agent refused the run recently.
+func (c *conn) refusedLocked(runID string, now time.Time) bool {
+	until, ok := c.rejected[runID]
+	if ok && now.After(until) {
+		delete(c.rejected, runID)
+		return false
+	}
+	return ok
 }
 
 // unplan gives back the slots of claims that did not happen.

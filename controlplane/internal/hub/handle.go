@@ -33,8 +33,19 @@ func (c *conn) handle(f protocol.Frame) {
 	}
 }
 
-// unaccountedLocked is 0: ready sets the free count outright (API.md §12).
-func (c *conn) unaccountedLocked() int { return 0 }
+// unaccountedLocked counts assigns the agent has not answered yet: a ready
+// sent while they were in flight could not count them, so ready{n} means n
+// minus those (API.md §12 "ready sets the free count outright" — of what the
+// agent knows).
+func (c *conn) unaccountedLocked() int {
+	n := 0
+	for _, hr := range c.runs {
+		if !hr.accepted {
+			n++
+		}
+	}
+	return n
+}
 
 func (c *conn) heartbeat(ctx context.Context, f *protocol.Heartbeat) {
 	if err := c.h.store.RunHeartbeat(ctx, c.agentID, f.Runs, c.h.Now().Add(c.h.cfg.LeaseTimeout)); err != nil {
@@ -119,6 +130,12 @@ func (c *conn) reject(ctx context.Context, f *protocol.Reject) {
 		c.sendError(err, f.RunID)
 	}
 	c.log.WithField("runId", f.RunID).WithField("reason", f.Reason).Info("run rejected by agent")
+	c.h.mu.Lock()
+	if c.rejected == nil {
+		c.rejected = map[string]time.Time{}
+	}
+	c.rejected[f.RunID] = c.h.Now().Add(c.h.cfg.LeaseTimeout)
+	c.h.mu.Unlock()
 	c.forget(f.RunID)
 }
 
