@@ -24,8 +24,21 @@ build: ## build copelfd (and the agent, when present) into bin/
 	$(GO) build -o $(BIN)/ ./controlplane/cmd/... $(if $(wildcard agent/cmd),./agent/cmd/...)
 
 .PHONY: run
-run: deps build ## run the control plane in dev mode on SQLite with a seeded demo account
-	$(BIN)/copelfd -dev -addr $(ADDR) -db $(DB) -data-dir $(DATA)
+run: deps build ## control plane (dev mode, SQLite) + a local headless agent; runs the sample workflow once
+	@set -euo pipefail; mkdir -p $(DATA); rm -f $(DATA)/dev.env; \
+	$(BIN)/copelfd -dev -addr $(ADDR) -db $(DB) -data-dir $(DATA) -log-format text 2>>$(DATA)/copelfd.log & cp=$$!; \
+	ag=; trap 'kill $$ag $$cp 2>/dev/null; wait 2>/dev/null; exit 0' INT TERM; \
+	for _ in $$(seq 300); do [ -s $(DATA)/dev.env ] && break; kill -0 $$cp 2>/dev/null || { echo "copelfd failed: see $(DATA)/copelfd.log"; exit 1; }; sleep 0.1; done; \
+	set -a; . $(DATA)/dev.env; set +a; \
+	$(BIN)/copelf-agent -name local-agent -state-dir $(DATA)/agent -log-format text 2>>$(DATA)/agent.log & ag=$$!; \
+	echo "Running the sample workflow once through the local agent (headless Chromium)…"; \
+	$(BIN)/copelf runs create -input password=hunter2 -wait $$COPELF_SAMPLE_WORKFLOW || true; \
+	echo; echo "The control plane ($$COPELF_SERVER) and the agent keep running; Ctrl-C stops both."; \
+	echo "  logs:      $(DATA)/copelfd.log, $(DATA)/agent.log"; \
+	echo "  tokens:    $(DATA)/dev.env  (set -a; . $(DATA)/dev.env; set +a)"; \
+	echo "  try:       $(BIN)/copelf runs create -input password=hunter2 -wait $$COPELF_SAMPLE_WORKFLOW"; \
+	echo "             curl -s -H \"Authorization: Bearer \$$COPELF_TOKEN\" $$COPELF_SERVER/v1/agents"; \
+	wait $$cp
 
 .PHONY: test
 test: deps ## run every test with the race detector
