@@ -113,7 +113,7 @@ func (s *Server) middleware(next http.Handler) http.Handler {
 			if sw.status >= 500 {
 				entry.Warn("request")
 			} else {
-				entry.Debug("request")
+				entry.Info("request")
 			}
 		}()
 		next.ServeHTTP(sw, r)
