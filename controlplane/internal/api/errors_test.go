@@ -656,6 +656,11 @@ func TestErrorNotFound(t *testing.T) {
 			{Method: "GET", Path: "/v1/runs/" + run + "/cancel/now"},
 			{Method: "DELETE", Path: "/v1"},
 			{Method: "GET", Path: "/v1/nothing", Token: "-"}, // unauthenticated callers get the same answer
+			// Unclean paths are not redirected (the mux would answer HTML).
+			{Method: "GET", Path: "/v1//me"},
+			{Method: "GET", Path: "/v1/./me"},
+			{Method: "POST", Path: "/v1/workflows/../workflows"},
+			{Method: "GET", Path: "/v1/runs/" + run + "/.."},
 		} {
 			if rq.Token == "" {
 				rq.Token = u.Token
@@ -926,4 +931,54 @@ func TestErrorsNeverLeak(t *testing.T) {
 			}
 		}
 	}
+}
+
+// TestErrorRunCheckOrder: when several errors apply to POST runs, the first of
+// auth, workflow exists, owner, ready, inputs valid, no active run or batch,
+// credits wins (API.md §5).
+func TestErrorRunCheckOrder(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, api.Config{})
+	ctx := context.Background()
+	a := e.newUser(store.RoleMember, store.PlanPro, 1)
+	b := e.newUser(store.RoleMember, store.PlanPro, 0)
+	analyzing, err := e.Store.WorkflowCreate(ctx, store.WorkflowCreateParams{AccountID: a.ID, Name: "recording", Status: protocol.WorkflowAnalyzing})
+	if err != nil {
+		t.Fatal(err)
+	}
+	busy := e.newWorkflow(a.Token)
+	e.newRun(a.Token, busy) // takes a's only credit
+	deleted := e.newWorkflow(a.Token)
+	expectStatus(t, e.del("/v1/workflows/"+deleted, a.Token), http.StatusNoContent)
+	bad := map[string]any{"inputs": map[string]any{"nope": 1}}
+	long := map[string]string{"Idempotency-Key": strings.Repeat("k", 300)}
+
+	cases := []struct {
+		name string
+		rq   request
+		want protocol.Code
+	}{
+		{"auth before everything", request{Path: "/v1/workflows/wf_nope/runs", Body: bad}, protocol.CodeUnauthenticated},
+		{"auth before the idempotency key", request{Path: "/v1/workflows/wf_nope/runs", Body: bad, Header: long}, protocol.CodeUnauthenticated},
+		{"auth before the body", request{Path: "/v1/workflows/" + busy + "/runs", Body: "{"}, protocol.CodeUnauthenticated},
+		{"exists before owner", request{Path: "/v1/workflows/" + deleted + "/runs", Token: b.Token, Body: bad}, protocol.CodeWorkflowNotFound},
+		{"owner before ready", request{Path: "/v1/workflows/" + analyzing.ID + "/runs", Token: b.Token, Body: bad}, protocol.CodeForbidden},
+		{"ready before inputs", request{Path: "/v1/workflows/" + analyzing.ID + "/runs", Token: a.Token, Body: bad}, protocol.CodeWorkflowNotReady},
+		{"inputs before the active run", request{Path: "/v1/workflows/" + busy + "/runs", Token: a.Token, Body: bad}, protocol.CodeUnprocessableEntity},
+		{"active run before credits", request{Path: "/v1/workflows/" + busy + "/runs", Token: a.Token, Body: goodInputs()}, protocol.CodeWorkflowAlreadyRunning},
+		{"credits last", request{Path: "/v1/workflows/" + e.newWorkflow(a.Token) + "/runs", Token: a.Token, Body: goodInputs()}, protocol.CodeInsufficientCredits},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			e := e.forT(t)
+			c.rq.Method = "POST"
+			expectErr(t, e.do(c.rq), c.want)
+		})
+	}
+
+	// A batch whose workflow was deleted after it was created cannot start.
+	wf := e.newWorkflow(a.Token)
+	bat := e.newBatch(a.Token, wf, 1)
+	expectStatus(t, e.del("/v1/workflows/"+wf, a.Token), http.StatusNoContent)
+	expectErr(t, e.post("/v1/batches/"+bat+"/start", a.Token, nil), protocol.CodeWorkflowNotFound)
 }

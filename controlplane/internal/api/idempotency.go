@@ -44,12 +44,12 @@ func (s *Server) idempotent(h handlerFunc) handlerFunc {
 		if key == "" {
 			return h(w, r)
 		}
-		if len(key) > 255 {
-			return badRequest("The Idempotency-Key header is too long.", protocol.FieldProblem{Field: "Idempotency-Key", Problem: "must be at most 255 characters"})
-		}
-		p, err := s.auth(r)
+		p, err := s.auth(r) // authentication comes first, as on every route
 		if err != nil {
 			return err
+		}
+		if len(key) > 255 {
+			return badRequest("The Idempotency-Key header is too long.", protocol.FieldProblem{Field: "Idempotency-Key", Problem: "must be at most 255 characters"})
 		}
 		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, MaxBodyBytes))
 		if err != nil {
