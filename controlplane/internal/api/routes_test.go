@@ -6,6 +6,7 @@ import (
 	"encoding/csv"
 	"encoding/json"
 	"net/http"
+	"net/http/httptest"
 	"reflect"
 	"strings"
 	"testing"
@@ -45,6 +46,35 @@ func within(t *testing.T, v any, want time.Time, d time.Duration) time.Time {
 	return got
 }
 
+// checkShape asserts API.md §1 on a decoded body: every *At field is an
+// RFC 3339 UTC time, every id has its type's prefix and at least 96 random
+// bits (20 base32 characters).
+func checkShape(t *testing.T, v any) {
+	t.Helper()
+	switch x := v.(type) {
+	case map[string]any:
+		for k, val := range x {
+			if strings.HasSuffix(k, "At") && val != nil {
+				s, ok := val.(string)
+				if _, err := time.Parse(time.RFC3339Nano, s); !ok || err != nil || !strings.HasSuffix(s, "Z") {
+					t.Fatalf("%s = %v is not an RFC 3339 UTC time", k, val)
+				}
+			}
+			if id, ok := val.(string); ok && (k == "id" || strings.HasSuffix(k, "Id")) && k != "stripePriceId" && k != "requestId" {
+				prefix, rest, found := strings.Cut(id, "_")
+				if !found || prefix == "" || len(rest) < 20 {
+					t.Fatalf("%s = %q is not a prefixed id with 96 random bits", k, id)
+				}
+			}
+			checkShape(t, val)
+		}
+	case []any:
+		for _, it := range x {
+			checkShape(t, it)
+		}
+	}
+}
+
 func TestRoutesUsersAndSessions(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, api.Config{SessionTTL: 2 * time.Hour})
@@ -53,6 +83,7 @@ func TestRoutesUsersAndSessions(t *testing.T) {
 	r := e.post("/v1/users", e.Admin, map[string]any{"email": "Mae@Example.com", "password": testPassword, "role": "operator", "plan": "pro"})
 	expectStatus(t, r, http.StatusCreated)
 	u := r.Map(t)
+	checkShape(t, u)
 	if !strings.HasPrefix(u["id"].(string), "usr_") || u["email"] != "Mae@Example.com" || u["role"] != "operator" || u["plan"] != "pro" || u["createdAt"] == nil {
 		t.Fatalf("user %s", r.Body)
 	}
@@ -82,11 +113,24 @@ func TestRoutesUsersAndSessions(t *testing.T) {
 		t.Fatalf("session cookie %+v (Set-Cookie %q)", cookie, r.Header.Values("Set-Cookie"))
 	}
 
+	// Over HTTPS the cookie is Secure as well.
+	req := httptest.NewRequest("POST", "https://copelf.example/v1/sessions", strings.NewReader(`{"email":"mae@example.com","password":"`+testPassword+`"}`))
+	req.Header.Set("Content-Type", "application/json")
+	rec := httptest.NewRecorder()
+	e.API.ServeHTTP(rec, req)
+	if rec.Code != http.StatusCreated {
+		t.Fatalf("https sign-in %d %s", rec.Code, rec.Body)
+	}
+	if c := rec.Result().Cookies(); len(c) != 1 || c[0].Name != "copelf_session" || !c[0].Secure || !c[0].HttpOnly || c[0].SameSite != http.SameSiteLaxMode {
+		t.Fatalf("https cookie %q", rec.Header().Values("Set-Cookie"))
+	}
+
 	// The cookie authenticates, and so does the token as a bearer.
 	byCookie := map[string]string{"Cookie": "copelf_session=" + token}
 	r = e.do(request{Method: "GET", Path: "/v1/me", Header: byCookie})
 	expectStatus(t, r, http.StatusOK)
 	me := r.Map(t)
+	checkShape(t, me)
 	if me["id"] != u["id"] || me["accountId"] != u["id"] || me["email"] != "Mae@Example.com" || me["role"] != "operator" || me["plan"] != "pro" {
 		t.Fatalf("me %s", r.Body)
 	}
@@ -126,6 +170,7 @@ func TestRoutesTokens(t *testing.T) {
 	r := e.post("/v1/tokens", u.Token, map[string]any{"name": "ci", "kind": "api"})
 	expectStatus(t, r, http.StatusCreated)
 	created := r.Map(t)
+	checkShape(t, created)
 	id, token := created["id"].(string), created["token"].(string)
 	if !strings.HasPrefix(id, "tok_") || !strings.HasPrefix(token, "copelf_api_") || len(token) < 40 || created["name"] != "ci" || created["kind"] != "api" || created["expiresAt"] != nil {
 		t.Fatalf("token %s", r.Body)
@@ -176,6 +221,7 @@ func TestRoutesWorkflows(t *testing.T) {
 	r := e.post("/v1/workflows", u.Token, map[string]any{"name": "Log in", "definition": json.RawMessage(sampleDefinition)})
 	expectStatus(t, r, http.StatusCreated)
 	wf := r.Map(t)
+	checkShape(t, wf)
 	id := wf["id"].(string)
 	if !strings.HasPrefix(id, "wf_") || wf["name"] != "Log in" || wf["status"] != "ready" || wf["createdAt"] == nil || wf["updatedAt"] == nil {
 		t.Fatalf("workflow %s", r.Body)
@@ -267,6 +313,7 @@ func TestRoutesRuns(t *testing.T) {
 	r := e.post("/v1/workflows/"+wf+"/runs", u.Token, goodInputs())
 	expectStatus(t, r, http.StatusCreated)
 	run := r.Map(t)
+	checkShape(t, run)
 	id := run["id"].(string)
 	if !strings.HasPrefix(id, "run_") || run["workflowId"] != wf || run["status"] != "queued" || run["attempt"] != 0.0 || run["queuedAt"] == nil {
 		t.Fatalf("run %s", r.Body)
@@ -395,6 +442,8 @@ func TestRoutesRuns(t *testing.T) {
 	// The finished run shows its charge and outputs.
 	r = e.get("/v1/runs/"+id3, u.Token)
 	got := r.Map(t)
+	checkShape(t, got)
+	checkShape(t, e.get("/v1/runs", u.Token).Map(t))
 	if got["status"] != "succeeded" || got["cost"].(map[string]any)["charged"] != 1.0 || got["outputs"].(map[string]any)["greeting"] == nil || got["startedAt"] == nil {
 		t.Fatalf("finished run %s", r.Body)
 	}
@@ -417,6 +466,7 @@ func TestRoutesApprovals(t *testing.T) {
 	r = e.get("/v1/approvals/"+apr1, u.Token)
 	expectStatus(t, r, http.StatusOK)
 	a := r.Map(t)
+	checkShape(t, a)
 	if a["id"] != apr1 || a["runId"] != run1 || a["workflowId"] != wf1 || a["step"] != 1.0 || a["message"] != "Pay the invoice?" || a["status"] != "pending" || a["createdAt"] == nil {
 		t.Fatalf("approval %s", r.Body)
 	}
@@ -428,6 +478,7 @@ func TestRoutesApprovals(t *testing.T) {
 	r = e.post("/v1/approvals/"+apr1+"/approve", u.Token, map[string]any{"comment": "go ahead"})
 	expectStatus(t, r, http.StatusOK)
 	a = r.Map(t)
+	checkShape(t, a)
 	if a["status"] != "approved" || a["resolvedBy"] != u.ID || a["resolvedAt"] == nil || a["comment"] != "go ahead" {
 		t.Fatalf("approved %s", r.Body)
 	}
@@ -484,6 +535,7 @@ func TestRoutesBatches(t *testing.T) {
 	}, "stopOnFailure": true})
 	expectStatus(t, r, http.StatusCreated)
 	b := r.Map(t)
+	checkShape(t, b)
 	jsonBatch := b["id"].(string)
 	if !strings.HasPrefix(jsonBatch, "bat_") || b["workflowId"] != wf || b["status"] != "created" || b["concurrency"] != 1.0 || b["stopOnFailure"] != true {
 		t.Fatalf("batch %s", r.Body)
@@ -640,6 +692,8 @@ func TestRoutesBatches(t *testing.T) {
 	if bytes.Contains(r.Body, []byte("9999")) || bytes.Contains(r.Body, []byte("1234")) {
 		t.Fatalf("secret shown: %s", r.Body)
 	}
+	checkShape(t, e.get("/v1/batches", u.Token).Map(t))
+	checkShape(t, e.get("/v1/batches/"+cb.ID+"/results", u.Token).Map(t))
 	if g := e.get("/v1/batches/"+cb.ID, u.Token).Map(t); g["finishedAt"] == nil || len(g["iterations"].([]any)) != 3 {
 		t.Fatalf("batch %v", g)
 	}
@@ -659,6 +713,7 @@ func TestRoutesCredits(t *testing.T) {
 	r = e.post("/v1/accounts/"+u.ID+"/credits", e.Admin, map[string]any{"amount": 10, "reason": "welcome"})
 	expectStatus(t, r, http.StatusCreated)
 	g := r.Map(t)
+	checkShape(t, g)
 	entry := g["entry"].(map[string]any)
 	if entry["kind"] != "grant" || entry["amount"] != 10.0 || !strings.HasPrefix(entry["id"].(string), "led_") || g["credits"].(map[string]any)["balance"] != 10.0 {
 		t.Fatalf("grant %s", r.Body)
@@ -676,6 +731,7 @@ func TestRoutesCredits(t *testing.T) {
 	}
 	r = e.get("/v1/credits/ledger", u.Token)
 	expectStatus(t, r, http.StatusOK)
+	checkShape(t, r.Map(t))
 	var ledger struct {
 		Items      []map[string]any
 		NextCursor *string
