@@ -73,14 +73,28 @@ func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return // the upgrader answered
 	}
 	ws.SetReadLimit(protocol.MaxFrameBytes)
-	h.serveConn(ws, w.Header().Get("X-Request-Id"))
+	requestID := w.Header().Get("X-Request-Id")
+	if !h.track() {
+		_ = ws.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(websocket.CloseGoingAway, "server shutting down"), time.Now().Add(time.Second))
+		ws.Close()
+		return
+	}
+	// The connection outlives the request: served on its own goroutine, it
+	// lets net/http free the request's state and buffers.
+	go func() {
+		defer h.wg.Done()
+		h.serveConn(ws, requestID)
+	}()
 }
 
 // serveConn runs one connection: hello, then the reader loop here and a
 // writer goroutine.
 func (h *Hub) serveConn(ws *websocket.Conn, requestID string) {
 	log := h.log.WithField("requestId", requestID)
+	// Close does not wait out a hello: it ends the read.
+	stop := context.AfterFunc(h.ctx, func() { ws.Close() })
 	c, err := h.hello(ws, log)
+	stop()
 	if err != nil {
 		var pe *protocol.Error
 		if !errors.As(err, &pe) {
@@ -179,7 +193,7 @@ func (h *Hub) hello(ws *websocket.Conn, log logrus.FieldLogger) (*conn, error) {
 	now := h.Now()
 	c := &conn{
 		h: h, ws: ws, agentID: agent.ID, accountID: user.AccountID(), info: hello.Agent, sessionID: ids.New(ids.Session),
-		send: make(chan []byte, h.cfg.SendQueue), done: make(chan struct{}), runs: map[string]*heldRun{},
+		send: make(chan []byte, max(h.cfg.SendQueue, 2*hello.Agent.Slots+16)), done: make(chan struct{}), runs: map[string]*heldRun{},
 		connectedAt: now, lastSeen: now,
 	}
 	c.log = log.WithFields(logrus.Fields{"agentId": agent.ID, "accountId": c.accountID, "agentName": hello.Agent.Name})

@@ -36,8 +36,9 @@ type Config struct {
 	AllowedOrigins []string
 	// HelloTimeout bounds the wait for the first frame.
 	HelloTimeout time.Duration
-	// SendQueue is each connection's outgoing queue; a client that lets it
-	// fill up is disconnected.
+	// SendQueue is each connection's outgoing queue (at least twice the
+	// agent's slots plus 16, so a burst of assigns and acks fits); a client
+	// that lets it fill up is disconnected.
 	SendQueue int
 	// WriteTimeout bounds one frame write.
 	WriteTimeout time.Duration
@@ -57,7 +58,7 @@ func (c *Config) defaults() {
 		c.HelloTimeout = protocol.HelloTimeoutMs * time.Millisecond
 	}
 	if c.SendQueue <= 0 {
-		c.SendQueue = 256
+		c.SendQueue = 32
 	}
 	if c.WriteTimeout <= 0 {
 		c.WriteTimeout = 10 * time.Second
@@ -112,8 +113,11 @@ func New(st store.Store, log logrus.FieldLogger, auth Authenticator, cfg Config)
 	}
 	h.upgrader = websocket.Upgrader{
 		HandshakeTimeout: 10 * time.Second,
-		ReadBufferSize:   4096,
-		WriteBufferSize:  4096,
+		// Small read buffers, and write buffers only while a frame is
+		// being written: an idle agent holds little memory.
+		ReadBufferSize:  1024,
+		WriteBufferSize: 4096,
+		WriteBufferPool: writeBuffers,
 		Subprotocols:     []string{protocol.Subprotocol},
 		// The origin is checked before Upgrade, with a typed answer.
 		CheckOrigin: func(*http.Request) bool { return true },
@@ -123,6 +127,21 @@ func New(st store.Store, log logrus.FieldLogger, auth Authenticator, cfg Config)
 	}
 	h.ctx, h.cancel = context.WithCancel(context.Background())
 	return h
+}
+
+// writeBuffers are the connections' write buffers, shared.
+var writeBuffers = &sync.Pool{}
+
+// track counts a connection's goroutine in the hub's wait group unless the
+// hub is closed (Add never races Close's Wait).
+func (h *Hub) track() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.closed {
+		return false
+	}
+	h.wg.Add(1)
+	return true
 }
 
 // Start gives every live lease a full lease to reconnect (after a restart)
