@@ -18,7 +18,6 @@ import (
 
 	"github.com/gorilla/websocket"
 	"github.com/sirupsen/logrus"
-	"github.com/sirupsen/logrus/hooks/test"
 	"go.uber.org/goleak"
 
 	"github.com/copelf/copelf/controlplane/internal/api"
@@ -114,6 +113,10 @@ type envOption func(*envOptions)
 // withAPI changes the API's configuration.
 func withAPI(f func(*api.Config)) envOption { return func(o *envOptions) { f(&o.api) } }
 
+// withLogLevel sets the level of the (discarded) log; formatting debug lines
+// costs CPU that benchmarks should not measure.
+func withLogLevel(l logrus.Level) envOption { return func(o *envOptions) { o.logLevel = l } }
+
 // noLeakCheck skips the per-test goroutine check (benchmarks, parallel tests).
 func noLeakCheck() envOption { return func(o *envOptions) { o.leakCheck = false } }
 
@@ -137,7 +140,8 @@ func newEnv(t testing.TB, cfg hub.Config, opts ...envOption) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	log, _ := test.NewNullLogger()
+	log := logrus.New()
+	log.Out = io.Discard
 	log.SetLevel(o.logLevel)
 	srv := api.New(st, log, o.api)
 	h := hub.New(st, log, func(ctx context.Context, token string) (*store.User, *store.Token, error) {
@@ -475,6 +479,7 @@ type item struct {
 	f   protocol.Frame
 	raw []byte
 	err error
+	at  time.Time // when the reader got it
 }
 
 func (e *env) wsURL() string {
@@ -512,7 +517,7 @@ func (c *client) read() {
 			c.err = err
 			return
 		}
-		it := item{raw: data}
+		it := item{raw: data, at: time.Now()}
 		if mt != websocket.TextMessage {
 			it.err = errors.New("the server sent a binary message")
 		} else {
