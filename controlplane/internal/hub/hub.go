@@ -118,7 +118,7 @@ func New(st store.Store, log logrus.FieldLogger, auth Authenticator, cfg Config)
 		ReadBufferSize:  1024,
 		WriteBufferSize: 4096,
 		WriteBufferPool: writeBuffers,
-		Subprotocols:     []string{protocol.Subprotocol},
+		Subprotocols:    []string{protocol.Subprotocol},
 		// The origin is checked before Upgrade, with a typed answer.
 		CheckOrigin: func(*http.Request) bool { return true },
 		Error: func(w http.ResponseWriter, r *http.Request, status int, reason error) {
