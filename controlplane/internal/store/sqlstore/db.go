@@ -17,6 +17,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/copelf/copelf/controlplane/internal/store"
@@ -40,6 +41,10 @@ type dialect struct {
 type DB struct {
 	w, r *sql.DB
 	d    dialect
+	// wstmts and rstmts are the pools' prepared statements; wtx is the
+	// write transaction in progress (the writer pool has one connection).
+	wstmts, rstmts stmtCache
+	wtx            atomic.Pointer[sql.Tx]
 	// Now is the clock; tests may replace it before use.
 	Now func() time.Time
 }
@@ -67,7 +72,7 @@ func redactDSN(dsn string) string {
 
 // Close closes both pools.
 func (s *DB) Close() error {
-	return errors.Join(s.w.Close(), s.r.Close())
+	return errors.Join(s.wstmts.close(), s.rstmts.close(), s.w.Close(), s.r.Close())
 }
 
 // now is the clock, at the stored precision (milliseconds).
@@ -123,10 +128,13 @@ func (s *DB) q(query string) string {
 
 // tx runs fn in a write transaction and commits it when fn returns nil.
 func (s *DB) tx(ctx context.Context, fn func(*sql.Tx) error) error {
+	s.wstmts.preparePending(ctx, s.w)
 	tx, err := s.w.BeginTx(ctx, nil)
 	if err != nil {
 		return fmt.Errorf("begin: %w", err)
 	}
+	s.wtx.Store(tx)
+	defer s.wtx.CompareAndSwap(tx, nil)
 	if err := fn(tx); err != nil {
 		_ = tx.Rollback()
 		return err
@@ -145,7 +153,14 @@ type querier interface {
 }
 
 func (s *DB) exec(ctx context.Context, q querier, query string, args ...any) (int64, error) {
-	res, err := q.ExecContext(ctx, s.q(query), args...)
+	query = s.q(query)
+	var res sql.Result
+	var err error
+	if st := s.stmt(ctx, q, query); st != nil {
+		res, err = st.ExecContext(ctx, args...)
+	} else {
+		res, err = q.ExecContext(ctx, query, args...)
+	}
 	if err != nil {
 		return 0, err
 	}

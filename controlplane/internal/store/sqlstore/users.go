@@ -87,9 +87,9 @@ func (s *DB) TokenCreate(ctx context.Context, p store.TokenCreateParams) (*store
 func (s *DB) TokenGetByHash(ctx context.Context, hash string) (*store.Token, *store.User, error) {
 	var u store.User
 	var ucreated int64
-	t, err := scanToken(s.r.QueryRowContext(ctx, s.q(`SELECT t.id, t.user_id, t.kind, t.name, t.hash, t.created_at, t.expires_at, t.revoked_at,
+	t, err := scanToken(s.queryRow(ctx, s.r, `SELECT t.id, t.user_id, t.kind, t.name, t.hash, t.created_at, t.expires_at, t.revoked_at,
 		u.id, u.email, u.password_hash, u.role, u.plan, u.created_at
-		FROM tokens t JOIN users u ON u.id = t.user_id WHERE t.hash = ? AND t.revoked_at IS NULL`), hash),
+		FROM tokens t JOIN users u ON u.id = t.user_id WHERE t.hash = ? AND t.revoked_at IS NULL`, hash),
 		&u.ID, &u.Email, &u.PasswordHash, &u.Role, &u.Plan, &ucreated)
 	if err != nil {
 		return nil, nil, notFound(err, protocol.CodeUnauthenticated)

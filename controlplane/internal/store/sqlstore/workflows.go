@@ -40,7 +40,7 @@ func (s *DB) WorkflowCreate(ctx context.Context, p store.WorkflowCreateParams) (
 }
 
 func (s *DB) WorkflowGet(ctx context.Context, id string) (*store.Workflow, error) {
-	w, err := scanWorkflow(s.r.QueryRowContext(ctx, s.q(`SELECT `+workflowColumns+` FROM workflows WHERE id = ?`), id))
+	w, err := scanWorkflow(s.queryRow(ctx, s.r, `SELECT `+workflowColumns+` FROM workflows WHERE id = ?`, id))
 	return w, notFound(err, protocol.CodeWorkflowNotFound)
 }
 
