@@ -161,3 +161,129 @@ func browser(t *testing.T) context.Context {
 	}
 	return ctx
 }
+
+// eventually polls cond every 50 ms until it holds; past within it fails
+// the test with what cond last said.
+func eventually(t *testing.T, within time.Duration, what string, cond func() (bool, string)) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		ok, last := cond()
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within %s (last: %s)", what, within, last)
+		}
+		<-tick.C
+	}
+}
+
+// waitRunWhere polls a run until pred holds; a run that ends before that
+// fails the test.
+func (s *server) waitRunWhere(t *testing.T, token, runID, what string, within time.Duration, pred func(run map[string]any) bool) map[string]any {
+	t.Helper()
+	var run map[string]any
+	eventually(t, within, "run "+runID+" "+what, func() (bool, string) {
+		run = s.call(t, "GET", "/v1/runs/"+runID, token, nil, 200)
+		if pred(run) {
+			return true, ""
+		}
+		switch run["status"] {
+		case "succeeded", "failed", "timed_out", "cancelled":
+			t.Fatalf("run %s ended before it was %s: %v", runID, what, run)
+		}
+		return false, fmt.Sprint(run["status"])
+	})
+	return run
+}
+
+// stepRunning is a waitRunWhere predicate: the run executes step i.
+func stepRunning(i int) func(map[string]any) bool {
+	return func(run map[string]any) bool {
+		steps, _ := run["steps"].([]any)
+		return run["status"] == "running" && len(steps) > i && steps[i].(map[string]any)["status"] == "running"
+	}
+}
+
+// raw makes a request and returns the response (body read and closed) and
+// its body.
+func (s *server) raw(t *testing.T, method, path, token string) (*http.Response, []byte) {
+	t.Helper()
+	req, _ := http.NewRequest(method, s.URL+path, nil)
+	req.Header.Set("Authorization", "Bearer "+token)
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	body, err := io.ReadAll(res.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res, body
+}
+
+// credits is GET /v1/credits.
+type credits struct{ Balance, Held, Available float64 }
+
+func (s *server) credits(t *testing.T, token string) credits {
+	t.Helper()
+	c := s.call(t, "GET", "/v1/credits", token, nil, 200)
+	return credits{Balance: c["balance"].(float64), Held: c["held"].(float64), Available: c["available"].(float64)}
+}
+
+// ledger returns the account's ledger entries about runID (every entry
+// when runID is empty), following the cursor.
+func (s *server) ledger(t *testing.T, token, runID string) []map[string]any {
+	t.Helper()
+	var out []map[string]any
+	cursor := ""
+	for {
+		path := "/v1/credits/ledger?limit=500"
+		if cursor != "" {
+			path += "&cursor=" + cursor
+		}
+		page := s.call(t, "GET", path, token, nil, 200)
+		for _, it := range page["items"].([]any) {
+			e := it.(map[string]any)
+			if runID == "" || e["runId"] == runID {
+				out = append(out, e)
+			}
+		}
+		next, _ := page["nextCursor"].(string)
+		if next == "" {
+			return out
+		}
+		cursor = next
+	}
+}
+
+// workflow creates a ready workflow from a definition.
+func (s *server) workflow(t *testing.T, token, name string, def any) string {
+	t.Helper()
+	return s.call(t, "POST", "/v1/workflows", token, map[string]any{"name": name, "definition": def}, 201)["id"].(string)
+}
+
+// runWorkflow queues a run and returns its id.
+func (s *server) runWorkflow(t *testing.T, token, workflowID string, inputs map[string]any) string {
+	t.Helper()
+	if inputs == nil {
+		inputs = map[string]any{}
+	}
+	return s.call(t, "POST", "/v1/workflows/"+workflowID+"/runs", token, map[string]any{"inputs": inputs}, 201)["id"].(string)
+}
+
+// runError returns a run's error code and details.reason.
+func runError(run map[string]any) (code, reason string) {
+	e, _ := run["error"].(map[string]any)
+	if e == nil {
+		return "", ""
+	}
+	code, _ = e["code"].(string)
+	d, _ := e["details"].(map[string]any)
+	reason, _ = d["reason"].(string)
+	return code, reason
+}
