@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/copelf/copelf/controlplane/internal/ids"
@@ -63,10 +64,15 @@ const batchHasRoom = `(r.batch_id IS NULL OR (SELECT COUNT(*) FROM runs x WHERE 
 	AND (x.status IN ('running', 'awaiting_approval') OR (x.status = 'queued' AND x.lease_id IS NOT NULL)))
 	< (SELECT b.concurrency FROM batches b WHERE b.id = r.batch_id))`
 
+// limitClause is a LIMIT with the number in the SQL: SQLite prepares a
+// statement whose LIMIT is a bound parameter a second time at its first
+// step, which doubles the cost of these hot queries.
+func limitClause(n int) string { return ` LIMIT ` + strconv.Itoa(max(n, 0)) }
+
 func (s *DB) RunQueuedList(ctx context.Context, accountID string, limit int) ([]*store.Run, error) {
 	return queryAll(ctx, s, `SELECT `+prefixed("r.", runColumns)+` FROM runs r
 		WHERE r.account_id = ? AND r.status = 'queued' AND r.lease_id IS NULL AND `+batchHasRoom+`
-		ORDER BY r.queued_at, r.id LIMIT ?`, []any{accountID, limit}, scanRun)
+		ORDER BY r.queued_at, r.id`+limitClause(limit), []any{accountID}, scanRun)
 }
 
 // RunAssign claims runs in one transaction; each claim is a guarded update.
@@ -324,7 +330,7 @@ func (s *DB) RunDueList(ctx context.Context, now time.Time, cancelGrace time.Dur
 			return nil
 		}
 		var rows []*store.Run
-		rows, err = queryAll(ctx, s, `SELECT `+runColumns+` FROM runs WHERE `+where+` ORDER BY queued_at LIMIT ?`, append(args, limit), scanRun)
+		rows, err = queryAll(ctx, s, `SELECT `+runColumns+` FROM runs WHERE `+where+` ORDER BY queued_at`+limitClause(limit), args, scanRun)
 		return rows
 	}
 	due.LeaseExpired = list(`lease_id IS NOT NULL AND status IN `+activeRunStates+` AND lease_expires_at < ?`, n)
