@@ -45,6 +45,8 @@ type DB struct {
 	// write transaction in progress (the writer pool has one connection).
 	wstmts, rstmts stmtCache
 	wtx            atomic.Pointer[sql.Tx]
+	// ckpt checkpoints the WAL off the writer's path (SQLite); may be nil.
+	ckpt *checkpointer
 	// Now is the clock; tests may replace it before use.
 	Now func() time.Time
 }
@@ -70,9 +72,13 @@ func redactDSN(dsn string) string {
 	return dsn
 }
 
-// Close closes both pools.
+// Close stops the checkpointer and closes both pools.
 func (s *DB) Close() error {
-	return errors.Join(s.wstmts.close(), s.rstmts.close(), s.w.Close(), s.r.Close())
+	var errs []error
+	if s.ckpt != nil {
+		errs = append(errs, s.ckpt.close())
+	}
+	return errors.Join(append(errs, s.wstmts.close(), s.rstmts.close(), s.w.Close(), s.r.Close())...)
 }
 
 // now is the clock, at the stored precision (milliseconds).
@@ -141,6 +147,9 @@ func (s *DB) tx(ctx context.Context, fn func(*sql.Tx) error) error {
 	}
 	if err := tx.Commit(); err != nil {
 		return fmt.Errorf("commit: %w", err)
+	}
+	if s.ckpt != nil {
+		s.ckpt.committed()
 	}
 	return nil
 }

@@ -43,6 +43,9 @@ func openSQLite(ctx context.Context, file string) (*DB, error) {
 	params.Add("_pragma", "journal_mode(WAL)")
 	params.Add("_pragma", "synchronous(NORMAL)")
 	params.Add("_pragma", "foreign_keys(ON)")
+	// Checkpoints run in the background (checkpointer); the writer's own
+	// automatic checkpoint stays as a backstop at a larger WAL.
+	params.Add("_pragma", fmt.Sprintf("wal_autocheckpoint(%d)", writerAutoCheckpoint))
 	params.Set("_txlock", "immediate")
 	w, err := sql.Open("sqlite", sqliteURI(file, params))
 	if err != nil {
@@ -68,7 +71,18 @@ func openSQLite(ctx context.Context, file string) (*DB, error) {
 	r.SetMaxOpenConns(n)
 	r.SetMaxIdleConns(n)
 
-	db := &DB{w: w, r: r, d: sqliteDialect, Now: time.Now}
+	cp := url.Values{}
+	cp.Add("_pragma", "busy_timeout(10000)")
+	c, err := sql.Open("sqlite", sqliteURI(file, cp))
+	if err != nil {
+		w.Close()
+		r.Close()
+		return nil, err
+	}
+	c.SetMaxOpenConns(1)
+	c.SetMaxIdleConns(1)
+
+	db := &DB{w: w, r: r, d: sqliteDialect, Now: time.Now, ckpt: newCheckpointer(c)}
 	if err := db.migrate(ctx); err != nil {
 		db.Close()
 		return nil, err
