@@ -173,6 +173,9 @@ func (s *DB) exec(ctx context.Context, q querier, query string, args ...any) (in
 	if err != nil {
 		return 0, err
 	}
+	if db, ok := q.(*sql.DB); ok && db == s.w && s.ckpt != nil {
+		s.ckpt.committed() // a write outside s.tx commits by itself
+	}
 	return res.RowsAffected()
 }
 
