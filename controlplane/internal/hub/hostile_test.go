@@ -296,3 +296,29 @@ func TestHostileHandshake(t *testing.T) {
 	})
 	e.stillServes()
 }
+
+// An event the store refuses (a step the run does not have) is answered with
+// a typed error about the run; nothing changes and its seq is not used up.
+func TestHostileInvalidEvent(t *testing.T) {
+	e := newEnv(t, hub.Config{LeaseTimeout: 5 * time.Second})
+	c, _ := e.connect("confused", 1)
+	run := e.runOn(nil)
+	a := c.expectAssign(run)
+	c.start(a)
+	seq := c.report(run, a.LeaseID, protocol.Event{Kind: protocol.EventStepStarted, Step: intp(7)})
+	if f := c.expectError(protocol.CodeUnprocessableEntity, ""); f.RunID != run {
+		t.Fatalf("runId %q", f.RunID)
+	}
+	if n := len(e.history(run)); n != 1 {
+		t.Fatalf("history: %d events", n)
+	}
+	c.seqs[a.LeaseID] = seq - 1
+	c.reportAcked(run, a.LeaseID, protocol.Event{Kind: protocol.EventStepStarted, Step: intp(0)})
+	// A gap in the seqs is refused.
+	c.seqs[a.LeaseID] += 5
+	c.report(run, a.LeaseID, protocol.Event{Kind: protocol.EventStepFinished, Step: intp(0), Status: "succeeded"})
+	c.expectError(protocol.CodeConflict, "sequence_gap")
+	c.seqs[a.LeaseID] -= 6
+	c.finish(a, protocol.RunSucceeded)
+	e.waitStatus(run, protocol.RunSucceeded)
+}

@@ -344,3 +344,26 @@ func TestLeaseOldLeaseReport(t *testing.T) {
 	e.waitStatus(run, protocol.RunSucceeded)
 	e.credits(e.account, 99, 0)
 }
+
+// An assign not yet accepted survives a short cut too: the welcome lists it
+// as queued under its lease, and the agent may still accept it.
+func TestLeaseAssignSurvivesShortCut(t *testing.T) {
+	e := newEnv(t, hub.Config{LeaseTimeout: 5 * time.Second})
+	c1, _ := e.connect("blinking", 2)
+	run := e.runOn(nil)
+	a := c1.expectAssign(run)
+	c1.close()
+	c2, w := e.connect("blinking", 2)
+	if len(w.Runs) != 1 || w.Runs[0] != (protocol.HeldRun{RunID: run, Attempt: 1, LeaseID: a.LeaseID, Status: protocol.RunQueued}) {
+		t.Fatalf("welcome runs: %+v", w.Runs)
+	}
+	c2.start(a)
+	c2.finish(a, protocol.RunSucceeded)
+	e.waitStatus(run, protocol.RunSucceeded)
+	// Both slots are free again: two runs go out at once.
+	r1, r2 := e.runOn(nil), e.runOn(nil)
+	got := map[string]bool{c2.expectAssign("").RunID: true, c2.expectAssign("").RunID: true}
+	if !got[r1] || !got[r2] {
+		t.Fatalf("assigned %v", got)
+	}
+}
