@@ -72,7 +72,7 @@ func (c *conn) forget(runID string) {
 	_, ok := c.runs[runID]
 	if ok {
 		delete(c.runs, runID)
-		c.free++
+		c.slotBackLocked()
 	}
 	c.h.mu.Unlock()
 	if ok {

@@ -234,7 +234,7 @@ func (h *Hub) releaseRun(runID string, cancel bool, reason string) {
 		if _, ok := c.runs[runID]; ok {
 			holder = c
 			delete(c.runs, runID)
-			c.free++
+			c.slotBackLocked()
 			break
 		}
 	}
@@ -246,6 +246,18 @@ func (h *Hub) releaseRun(runID string, cancel bool, reason string) {
 		holder.sendFrame(&protocol.Cancel{RunID: runID, Reason: reason})
 	}
 	h.Kick(holder.accountID)
+}
+
+// slotBackLocked gives back the slot of a run that left the agent, never
+// past the agent's capacity less the runs it still holds. A run listed in
+// welcome that the agent did not know (it restarted) was counted free by
+// the agent's ready already: when its lease expires, its slot must not come
+// back a second time, or the agent is pushed runs it has no room for. An
+// undercount lasts until the agent's next ready.
+func (c *conn) slotBackLocked() {
+	if c.free < c.info.Slots-len(c.runs) {
+		c.free++
+	}
 }
 
 // QueueReason says why a queued run of an account with these required
