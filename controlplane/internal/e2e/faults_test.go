@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"fmt"
 	"slices"
 	"syscall"
 	"testing"
@@ -140,5 +141,59 @@ func TestBrowserKilled(t *testing.T) {
 	now := chromiumChildren(ag.pid())
 	if len(now) == 0 || slices.ContainsFunc(now, func(pid int) bool { return slices.Contains(old, pid) }) {
 		t.Errorf("Chromium processes before the kill %v, after the next run %v: want a new one", old, now)
+	}
+}
+
+// TestAgentRestarted: an agent SIGKILLed mid-run and started again with the
+// same id before its lease ran out. The server still lists the old run for
+// it; the new process does not know it, so the lease expires (agent_lost).
+// The slot that lease held is not given back a second time: the restarted
+// agent is never pushed more runs than it has slots.
+func TestAgentRestarted(t *testing.T) {
+	chromium(t)
+	site := fixtureSite(t)
+	const lease = 8 * time.Second
+	d := startDaemon(t, "-lease-timeout", lease.String())
+	_, token, agentToken := d.account(t, 10)
+	ag := startAgent(t, d.server, token, agentToken)
+
+	long := d.workflow(t, token, "long", sleepyDefinition(site.URL, 60_000))
+	lost := d.runWorkflow(t, token, long, nil)
+	d.waitRunWhere(t, token, lost, "sleeping", 60*time.Second, stepRunning(1))
+	ag.kill(t)
+	ag2 := startAgent(t, d.server, token, agentToken, "-id", ag.clientID)
+	if run := d.call(t, "GET", "/v1/runs/"+lost, token, nil, 200); run["status"] != "running" {
+		t.Fatalf("the restarted agent reconnected after the lease: %v", run)
+	}
+	run := d.waitRun(t, token, lost, 60*time.Second)
+	if code, reason := runError(run); run["status"] != "failed" || code != "internal" || reason != "agent_lost" {
+		t.Fatalf("the run of the killed agent: %v", run)
+	}
+	refunded(t, d.server, token, run)
+	for _, a := range d.call(t, "GET", "/v1/agents", token, nil, 200)["items"].([]any) {
+		if a := a.(map[string]any); a["freeSlots"] != a["slots"] {
+			t.Errorf("idle agent after the lost lease: %v", a)
+		}
+	}
+
+	// Two runs for the one slot: they run one after the other.
+	start := time.Now()
+	var ids []string
+	for i := range 2 {
+		wf := d.workflow(t, token, fmt.Sprint("short ", i), sleepyDefinition(site.URL, 1000))
+		ids = append(ids, d.runWorkflow(t, token, wf, nil))
+	}
+	for _, id := range ids {
+		if run := d.waitRun(t, token, id, 90*time.Second); run["status"] != "succeeded" || run["attempt"] != float64(1) {
+			t.Errorf("run %s: %v", id, run)
+		}
+	}
+	// Each run sleeps a second; a run refused by the busy agent would wait
+	// out the refusal (a lease) first.
+	if took := time.Since(start); took > lease {
+		t.Errorf("the two short runs took %s", took)
+	}
+	if ag2.logContains("rejecting run") {
+		t.Errorf("the server pushed runs to the restarted agent beyond its slots")
 	}
 }
