@@ -221,3 +221,34 @@ func TestApproval(t *testing.T) {
 		}
 	})
 }
+
+func TestInvalidSelector(t *testing.T) {
+	def := steps(t, "", widgets+`,{"type":"click","selector":"#3","retries":2}`)
+	rec := &recorder{}
+	start := time.Now()
+	res := runDef(t, def, rec)
+	wantFailure(t, res, protocol.RunFailed, protocol.CodeUnprocessableEntity, protocol.ReasonElementNotFound, 1)
+	if e, _ := rec.end(1); e.attempts != 1 {
+		t.Errorf("an invalid selector was retried: %d attempts", e.attempts)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("took %v: the invalid selector waited for the step timeout", d)
+	}
+}
+
+// TestHungPage: a page that never returns from a script does not hold the
+// run past its step timeout, even for an optional step.
+func TestHungPage(t *testing.T) {
+	def := steps(t, "", widgets+`,
+		{"type":"click","selector":"#hang","timeoutMs":400,"optional":true},
+		{"type":"extract","selector":"#title","output":"title","timeoutMs":400}`)
+	start := time.Now()
+	res := runDef(t, def, nil)
+	if res.Status != protocol.RunFailed || res.Error == nil {
+		t.Fatalf("result %+v", res)
+	}
+	t.Logf("%v: %s", time.Since(start), res.Error.Message)
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("a hung page held the run for %v", d)
+	}
+}

@@ -9,6 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/chromedp/cdproto/cdp"
+	"github.com/chromedp/cdproto/page"
+	"github.com/chromedp/chromedp"
 	"github.com/copelf/copelf/protocol"
 )
 
@@ -183,4 +186,29 @@ func TestBrowserCrash(t *testing.T) {
 	}
 	defer s3.Close()
 	wantSucceeded(t, runIn(t, s3, ctx, check, nil))
+}
+
+// TestTabCrash crashes the tab's renderer (not Chromium) in the middle of a
+// step: the run fails at once with browser_crashed.
+func TestTabCrash(t *testing.T) {
+	s := newSession(t)
+	def := steps(t, "", widgets+`,{"type":"waitFor","selector":"#never","timeoutMs":30000}`)
+	crashed := make(chan struct{})
+	rec := &recorder{onStart: func(step, _ int) {
+		if step == 1 {
+			go func() {
+				defer close(crashed)
+				ctx, cancel := context.WithTimeout(s.ctx, 5*time.Second)
+				defer cancel()
+				_, _ = chromedp.Call(ctx, page.Crash, cdp.Empty{}) // no answer: the renderer is gone
+			}()
+		}
+	}}
+	start := time.Now()
+	res := runIn(t, s, context.Background(), def, rec)
+	<-crashed
+	wantFailure(t, res, protocol.RunFailed, protocol.CodeInternal, protocol.ReasonBrowserCrashed, 1)
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("the crash was noticed after %v", d)
+	}
 }

@@ -114,6 +114,7 @@ type runner struct {
 
 	parent context.Context // Run's ctx
 	ctx    context.Context // child of the tab's context: cancelled by parent, run timeout, crash
+	wedged bool            // the tab hung and was killed: the run cannot go on
 }
 
 // Run executes the steps in the session. Cancelling ctx (context.WithCancelCause)
@@ -162,6 +163,7 @@ func (r *runner) run() Result {
 	_ = chromedp.Listen(ctx, func(ev any) {
 		if _, ok := ev.(*inspector.EventTargetCrashed); ok {
 			cancel(errTabCrashed)
+			r.s.kill() // unblocks chromedp calls that wait on the dead renderer
 		}
 	})
 
@@ -252,7 +254,7 @@ func (r *runner) step(c *compiled) *failure {
 			return nil
 		}
 		last = f
-		if attempts <= c.step.Retries && f.retryable && f.kind == failStep {
+		if attempts <= c.step.Retries && f.retryable && f.kind == failStep && !r.wedged {
 			log.WithFields(r.scrub.fields(logrus.Fields{"attempt": attempts, "error": f.err.Message})).Debug("run: step attempt failed; retrying")
 			return f
 		}
@@ -295,7 +297,7 @@ func (r *runner) step(c *compiled) *failure {
 		"ms": ms, "attempts": attempts, "code": last.err.Code, "reason": last.err.Details["reason"], "error": last.err.Message,
 	})).Warn("run: step failed")
 	r.rep.StepFinished(c.index, protocol.StepFailed, ms, attempts, nil, last.err)
-	if c.step.Optional && last.kind == failStep && !last.rejected {
+	if c.step.Optional && last.kind == failStep && !last.rejected && !r.wedged {
 		return nil
 	}
 	return last
@@ -310,7 +312,7 @@ func (r *runner) attempt(c *compiled) (any, *failure) {
 		defer cancel()
 	}
 	c.found.Store(false)
-	out, err := c.do(ctx, r)
+	out, err := r.exec(ctx, c)
 	if err == nil {
 		return out, nil
 	}
@@ -341,6 +343,46 @@ func (r *runner) attempt(c *compiled) (any, *failure) {
 		fmt.Sprintf("Step %d (%s) failed: %s", c.index, c.step.Type, truncate(err.Error(), 500)))
 }
 
+// wedgeGrace is how long an attempt may go on after its context ended
+// before the tab counts as wedged.
+const wedgeGrace = time.Second
+
+// exec runs one attempt and makes its timeout hold even when chromedp does
+// not return: chromedp holds a frame lock while it waits for a DOM.getDocument
+// answer (with no deadline), and its queries wait for that lock without
+// looking at their context. A renderer that hangs or crashes would then block
+// a step past its timeout. After wedgeGrace the tab is killed, which makes the
+// pending call return; exec then waits for the attempt, so that nothing of it
+// outlives the run.
+func (r *runner) exec(ctx context.Context, c *compiled) (any, error) {
+	type result struct {
+		out any
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		out, err := c.do(ctx, r)
+		done <- result{out, err}
+	}()
+	select {
+	case res := <-done:
+		return res.out, res.err
+	case <-ctx.Done():
+	}
+	grace := time.NewTimer(wedgeGrace)
+	defer grace.Stop()
+	select {
+	case res := <-done:
+		return res.out, res.err
+	case <-grace.C:
+	}
+	r.log.WithFields(logrus.Fields{"step": c.index}).Warn("run: the tab does not respond; closing it")
+	r.wedged = true
+	r.s.kill()
+	res := <-done
+	return res.out, res.err
+}
+
 // ended returns the failure that ends the run when the run is over for a
 // reason other than the step itself: Chromium or the tab died, the caller
 // cancelled, or the run timeout passed. nil while the run goes on.
@@ -366,6 +408,9 @@ func (r *runner) ended(c *compiled) *failure {
 			fmt.Sprintf("Step %d (%s): the run did not finish within its timeout.", c.index, c.step.Type))
 		f.kind = failTimedOut
 		return f.with("timeoutMs", r.runTimeoutMs())
+	}
+	if r.wedged {
+		return nil // the tab was killed because it hung: the step's own timeout says why
 	}
 	// The session's tab context ended: the session or the browser was closed.
 	f := c.fail(protocol.CodeInternal, "", false, fmt.Sprintf("Step %d (%s): the browser session was closed.", c.index, c.step.Type))

@@ -19,6 +19,7 @@ type Session struct {
 	in      *instance
 	ctx     context.Context // chromedp context of the tab; its first Run is done
 	cancel  context.CancelFunc
+	kill    context.CancelFunc // ends the tab at once, without waiting (see runner.exec)
 	created time.Time
 
 	closeOnce sync.Once
@@ -51,21 +52,21 @@ func (b *Browser) NewSession(ctx context.Context) (*Session, error) {
 func (b *Browser) newSession(ctx context.Context, in *instance) (*Session, error) {
 	// The tab's context must not carry ctx's deadline: its first Run binds the
 	// tab to it. ctx still aborts the creation through AfterFunc.
-	sctx, scancel := chromedp.NewContext(in.ctx, chromedp.WithNewBrowserContext())
-	stop := context.AfterFunc(ctx, scancel)
+	// kill cancels the tab's parent: chromedp then closes the tab in the
+	// background, and every call waiting on the tab returns.
+	parent, kill := context.WithCancel(in.ctx)
+	sctx, scancel := chromedp.NewContext(parent, chromedp.WithNewBrowserContext())
+	stop := context.AfterFunc(ctx, kill)
 	err := chromedp.Do(sctx)
-	if !stop() {
-		scancel()
-		if err == nil {
-			err = ctx.Err()
-		}
-		return nil, fmt.Errorf("browser: new session: %w", err)
+	if !stop() && err == nil {
+		err = ctx.Err()
 	}
 	if err != nil {
+		kill()
 		scancel()
 		return nil, fmt.Errorf("browser: new session: %w", err)
 	}
-	return &Session{b: b, in: in, ctx: sctx, cancel: scancel, created: time.Now()}, nil
+	return &Session{b: b, in: in, ctx: sctx, cancel: scancel, kill: kill, created: time.Now()}, nil
 }
 
 // alive reports whether the session's Chromium and tab are still there.
@@ -75,6 +76,7 @@ func (s *Session) alive() bool { return s.ctx.Err() == nil }
 // more than once and from any goroutine.
 func (s *Session) Close() error {
 	s.closeOnce.Do(func() {
+		defer s.kill()
 		if s.in.dead() {
 			s.cancel() // nothing left to dispose
 			return

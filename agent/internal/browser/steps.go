@@ -11,6 +11,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/chromedp/cdproto"
 	"github.com/chromedp/cdproto/cdp"
 	"github.com/chromedp/cdproto/dom"
 	"github.com/chromedp/cdproto/runtime"
@@ -188,9 +189,17 @@ func compileStep(index int, st protocol.Step) *compiled {
 			if st.Attribute == "" {
 				return callOn[string](ctx, t, n, textJS)
 			}
+			if st.Attribute != "value" && st.Attribute != "checked" {
+				// chromedp keeps the node's attributes in step with the
+				// page (DOM.attributeModified): no round trip.
+				if v, ok := n.Attribute(st.Attribute); ok {
+					return v, nil
+				}
+				return nil, nil // a missing attribute extracts null
+			}
 			v, err := callOn[*string](ctx, t, n, attributeJS, st.Attribute)
 			if err != nil || v == nil {
-				return nil, err // a missing attribute extracts null
+				return nil, err
 			}
 			return *v, nil
 		})
@@ -257,9 +266,31 @@ func (c *compiled) element(f func(ctx context.Context, t *chromedp.Target, n *ch
 		action = chromedp.QueryAfter(chromedp.CSS(c.selector), after, opts...)
 	}
 	c.do = func(ctx context.Context, _ *runner) (any, error) {
-		return chromedp.Run(ctx, action)
+		for try := 0; ; try++ {
+			c.found.Store(false)
+			out, err := chromedp.Run(ctx, action)
+			var pe *cdproto.Error
+			switch {
+			case err == nil || ctx.Err() != nil || !errors.As(err, &pe):
+				return out, err
+			case !c.found.Load():
+				// chromedp retries lookups by itself; the one protocol error
+				// it returns from a lookup is an invalid selector.
+				return nil, c.fail(protocol.CodeUnprocessableEntity, protocol.ReasonElementNotFound, false,
+					fmt.Sprintf("Step %d (%s): %s is not a valid selector.", c.index, c.step.Type, quoteSel(c.selector))).
+					with("selector", c.selector)
+			case try >= maxRequery:
+				return out, err
+			}
+			// The element went away between the query and the action (the
+			// page re-rendered it or navigated): query again.
+		}
 	}
 }
+
+// maxRequery bounds the new queries of an element that disappears between
+// its query and the action on it, within one attempt.
+const maxRequery = 3
 
 // navigate loads the URL and waits for its load event. A network error and
 // an HTTP error status are navigation_failed.
@@ -342,9 +373,10 @@ func callOn[T any](ctx context.Context, t *chromedp.Target, n *chromedp.Node, fn
 const (
 	textJS = `function() { return (this.textContent || "").trim(); }`
 
+	// attributeJS reads the live value of form fields (the value and
+	// checked attributes only hold the initial state).
 	attributeJS = `function(name) {
-	if (name === "value" && "value" in this) return String(this.value);
-	if (name === "checked" && "checked" in this) return String(this.checked);
+	if (name in this) return String(this[name]);
 	return this.getAttribute(name);
 }`
 
