@@ -322,3 +322,35 @@ func TestHostileInvalidEvent(t *testing.T) {
 	c.finish(a, protocol.RunSucceeded)
 	e.waitStatus(run, protocol.RunSucceeded)
 }
+
+// An agent's reports are untrusted: secret input values it echoes back are
+// redacted before they are stored or shown.
+func TestSecretsScrubbedFromReports(t *testing.T) {
+	e := newEnv(t, hub.Config{LeaseTimeout: 5 * time.Second})
+	c, _ := e.connect("leaky", 1)
+	def := `{"version":1,"variables":[{"name":"pw","type":"secret"}],"steps":[{"type":"type","selector":"#pw","text":"{{pw}}"},{"type":"extract","selector":"h1","output":"title"}]}`
+	run := e.runOf(e.workflowWith(def), map[string]any{"inputs": map[string]any{"pw": "hunter2"}})
+	a := c.expectAssign(run)
+	if a.Inputs["pw"] != "hunter2" {
+		t.Fatalf("the agent needs the secret: %v", a.Inputs)
+	}
+	c.start(a)
+	c.reportAcked(run, a.LeaseID, protocol.Event{Kind: protocol.EventStepFinished, Step: intp(0), Status: "failed",
+		Error: protocol.Errorf(protocol.CodeBadRequest, "typed hunter2 into #pw").With("typed", []any{"hunter2", map[string]any{"v": "xhunter2x"}})})
+	c.reportAcked(run, a.LeaseID, protocol.Event{Kind: protocol.EventStepFinished, Step: intp(1), Status: "succeeded", Output: "Welcome hunter2"})
+	c.reportAcked(run, a.LeaseID, protocol.Event{Kind: protocol.EventFinished, Status: "succeeded", Message: "bye hunter2",
+		Outputs: map[string]any{"echo": []any{"hunter2", map[string]any{"deep": "hunter2"}}}})
+	e.waitStatus(run, protocol.RunSucceeded)
+	for _, ev := range e.history(run) {
+		if strings.Contains(string(ev.Body), "hunter2") {
+			t.Fatalf("event %d stored the secret: %s", ev.Seq, ev.Body)
+		}
+	}
+	res := e.do("GET", "/v1/runs/"+run, e.token, nil, nil)
+	if bytes.Contains(res.raw, []byte("hunter2")) {
+		t.Fatalf("GET run shows the secret: %s", res.raw)
+	}
+	if out := e.run(run).Outputs; out["title"] != "Welcome "+protocol.RedactedValue {
+		t.Fatalf("outputs %v", out)
+	}
+}
