@@ -12,6 +12,7 @@ import (
 )
 
 func TestFailureWorkflows(t *testing.T) {
+	t.Parallel()
 	cases := []struct {
 		workflow string
 		status   protocol.RunStatus
@@ -56,6 +57,7 @@ func TestFailureWorkflows(t *testing.T) {
 func itoa(i int) string { return string(rune('0' + i)) }
 
 func TestNavigationNetworkError(t *testing.T) {
+	t.Parallel()
 	// A port that was just free: connection refused.
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -72,6 +74,7 @@ func TestNavigationNetworkError(t *testing.T) {
 }
 
 func TestRetries(t *testing.T) {
+	t.Parallel()
 	t.Run("succeeds on a later attempt", func(t *testing.T) {
 		def := steps(t, "", `{"type":"navigate","url":"http://127.0.0.1:0/widgets.html?eventually=400"},
 			{"type":"assert","selector":"#eventually","equals":"ready","retries":8}`)
@@ -117,6 +120,7 @@ func TestRetries(t *testing.T) {
 }
 
 func TestOptionalStep(t *testing.T) {
+	t.Parallel()
 	def := steps(t, "", widgets+`,
 		{"type":"click","selector":"#nope","timeoutMs":150,"optional":true},
 		{"type":"extract","selector":"#title","output":"title"}`)
@@ -134,6 +138,7 @@ func TestOptionalStep(t *testing.T) {
 }
 
 func TestCancel(t *testing.T) {
+	t.Parallel()
 	t.Run("during a step", func(t *testing.T) {
 		def := steps(t, "", widgets+`,{"type":"sleep","ms":20000},{"type":"extract","selector":"#title","output":"title"}`)
 		ctx, cancel := context.WithCancelCause(context.Background())
@@ -184,6 +189,7 @@ func TestCancel(t *testing.T) {
 }
 
 func TestApproval(t *testing.T) {
+	t.Parallel()
 	def := steps(t, `[{"name":"amount","type":"number"}]`, widgets+`,
 		{"type":"approval","message":"Pay {{amount}} EUR?"},
 		{"type":"extract","selector":"#title","output":"title"}`)
@@ -223,6 +229,7 @@ func TestApproval(t *testing.T) {
 }
 
 func TestInvalidSelector(t *testing.T) {
+	t.Parallel()
 	def := steps(t, "", widgets+`,{"type":"click","selector":"#3","retries":2}`)
 	rec := &recorder{}
 	start := time.Now()
@@ -239,6 +246,7 @@ func TestInvalidSelector(t *testing.T) {
 // TestHungPage: a page that never returns from a script does not hold the
 // run past its step timeout, even for an optional step.
 func TestHungPage(t *testing.T) {
+	t.Parallel()
 	def := steps(t, "", widgets+`,
 		{"type":"click","selector":"#hang","timeoutMs":400,"optional":true},
 		{"type":"extract","selector":"#title","output":"title","timeoutMs":400}`)

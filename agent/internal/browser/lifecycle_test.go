@@ -16,6 +16,7 @@ import (
 )
 
 func TestSecretsNeverLeak(t *testing.T) {
+	t.Parallel()
 	const secret = "tops3cretvalue"
 	def := steps(t, `[{"name":"user","type":"string"},{"name":"pw","type":"secret","required":true}]`,
 		`{"type":"navigate","url":"http://127.0.0.1:0/login.html?token={{pw}}"},
@@ -62,6 +63,7 @@ func TestSecretsNeverLeak(t *testing.T) {
 }
 
 func TestIsolationBetweenSessions(t *testing.T) {
+	t.Parallel()
 	set := steps(t, "", `{"type":"navigate","url":"http://127.0.0.1:0/storage.html"},
 		{"type":"click","selector":"#set"},
 		{"type":"assert","selector":"#cookie","textContains":"copelf=remembered"},
@@ -191,6 +193,7 @@ func TestBrowserCrash(t *testing.T) {
 // TestTabCrash crashes the tab's renderer (not Chromium) in the middle of a
 // step: the run fails at once with browser_crashed.
 func TestTabCrash(t *testing.T) {
+	t.Parallel()
 	s := newSession(t)
 	def := steps(t, "", widgets+`,{"type":"waitFor","selector":"#never","timeoutMs":30000}`)
 	crashed := make(chan struct{})

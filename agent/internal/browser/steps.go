@@ -98,6 +98,11 @@ func compileStep(index int, st protocol.Step) *compiled {
 		}, chromedp.NodeVisible)
 	case protocol.StepTypeText:
 		c.element(func(ctx context.Context, t *chromedp.Target, n *chromedp.Node) (any, error) {
+			if typ, _ := n.Attribute("type"); n.NodeName == "INPUT" && strings.EqualFold(typ, "file") {
+				// As chromedp.SendKeys: the text is the path of the file to upload.
+				_, err := cdp.Call(ctx, t, dom.SetFileInputFiles, dom.SetFileInputFilesParams{Files: []string{st.Text}, NodeID: n.NodeID})
+				return nil, err
+			}
 			if st.Clear {
 				if _, err := callOn[chromedp.Void](ctx, t, n, clearJS); err != nil {
 					return nil, err

@@ -13,6 +13,7 @@ import (
 const widgets = `{"type":"navigate","url":"http://127.0.0.1:0/widgets.html"}`
 
 func TestSelectAndCheck(t *testing.T) {
+	t.Parallel()
 	def := steps(t, "", widgets+`,
 		{"type":"select","selector":"#color","value":"g"},
 		{"type":"assert","selector":"#color-state","equals":"g"},
@@ -28,6 +29,7 @@ func TestSelectAndCheck(t *testing.T) {
 }
 
 func TestSelectUnknownOption(t *testing.T) {
+	t.Parallel()
 	def := steps(t, "", widgets+`,{"type":"select","selector":"#color","value":"purple"}`)
 	res := runDef(t, def, nil)
 	wantFailure(t, res, protocol.RunFailed, protocol.CodeUnprocessableEntity, protocol.ReasonElementNotFound, 1)
@@ -37,6 +39,7 @@ func TestSelectUnknownOption(t *testing.T) {
 }
 
 func TestTypeClearAndPress(t *testing.T) {
+	t.Parallel()
 	def := steps(t, "", widgets+`,
 		{"type":"type","selector":"#echo","text":"abc","clear":true},
 		{"type":"extract","selector":"#echo","attribute":"value","output":"first"},
@@ -63,6 +66,7 @@ func TestTypeClearAndPress(t *testing.T) {
 }
 
 func TestUnknownKey(t *testing.T) {
+	t.Parallel()
 	def := steps(t, "", widgets+`,{"type":"press","key":"NoSuchKey","retries":3}`)
 	rec := &recorder{}
 	res := runDef(t, def, rec)
@@ -75,6 +79,7 @@ func TestUnknownKey(t *testing.T) {
 }
 
 func TestWaitForStates(t *testing.T) {
+	t.Parallel()
 	def := steps(t, "", widgets+`,
 		{"type":"waitFor","selector":"#later","timeoutMs":5000},
 		{"type":"waitFor","selector":"#going","state":"hidden","timeoutMs":5000},
@@ -85,6 +90,7 @@ func TestWaitForStates(t *testing.T) {
 }
 
 func TestSleep(t *testing.T) {
+	t.Parallel()
 	def := steps(t, "", `{"type":"sleep","ms":150}`)
 	rec := &recorder{}
 	wantSucceeded(t, runDef(t, def, rec))
@@ -94,6 +100,7 @@ func TestSleep(t *testing.T) {
 }
 
 func TestScroll(t *testing.T) {
+	t.Parallel()
 	// The page reports scrolls from its own listeners, a frame later: the
 	// asserts retry.
 	def := steps(t, "", widgets+`,
@@ -105,6 +112,7 @@ func TestScroll(t *testing.T) {
 }
 
 func TestExtract(t *testing.T) {
+	t.Parallel()
 	def := steps(t, "", widgets+`,
 		{"type":"extract","selector":"#title","output":"title"},
 		{"type":"extract","selector":"#profile","attribute":"data-id","output":"id"},
@@ -133,6 +141,7 @@ func TestExtract(t *testing.T) {
 }
 
 func TestScreenshots(t *testing.T) {
+	t.Parallel()
 	def := steps(t, "", widgets+`,
 		{"type":"screenshot","name":"viewport"},
 		{"type":"screenshot","name":"page-{{run.id}}","fullPage":true}`)
@@ -153,6 +162,7 @@ func TestScreenshots(t *testing.T) {
 }
 
 func TestInterpolation(t *testing.T) {
+	t.Parallel()
 	def := steps(t, `[
 		{"name":"name","type":"string"},
 		{"name":"n","type":"number"},
@@ -173,6 +183,7 @@ func TestInterpolation(t *testing.T) {
 }
 
 func TestStepDurations(t *testing.T) {
+	t.Parallel()
 	def := steps(t, "", widgets+`,{"type":"click","selector":"#submit"}`)
 	rec := &recorder{}
 	start := time.Now()

@@ -7,6 +7,7 @@ import (
 )
 
 func TestLoginSearchWorkflow(t *testing.T) {
+	t.Parallel()
 	def := loadWorkflow(t, "login-search")
 	rec := &recorder{}
 	res := runDef(t, def, rec, withInputs(map[string]any{"username": "ada", "password": "hunter2-secret"}))
@@ -29,6 +30,7 @@ func TestLoginSearchWorkflow(t *testing.T) {
 }
 
 func TestOrderWorkflow(t *testing.T) {
+	t.Parallel()
 	def := loadWorkflow(t, "order")
 	rec := &recorder{}
 	res := runDef(t, def, rec)
