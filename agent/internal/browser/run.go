@@ -24,8 +24,9 @@ type RunSpec struct {
 	TimeoutMs      int64          // run timeout (0 = none; then the definition's timeoutMs, if any)
 }
 
-// Reporter receives a run's progress. Run calls it from its own goroutine,
-// one call at a time, in step order.
+// Reporter receives a run's progress. Run makes one call at a time, in step
+// order (not always from the goroutine that called Run), and returns only
+// after its last call.
 type Reporter interface {
 	// StepStarted is called before each attempt of a step (attempt 1, 2, …).
 	StepStarted(step, attempt int)

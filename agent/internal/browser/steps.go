@@ -342,8 +342,13 @@ func (c *compiled) screenshot(ctx context.Context, r *runner) (any, error) {
 // approval asks the reporter and waits for the answer.
 func (c *compiled) approval(ctx context.Context, r *runner) (any, error) {
 	approved, comment, err := r.rep.ApprovalRequested(ctx, c.index, r.scrub.str(c.step.Message))
-	if err != nil {
-		return nil, err
+	switch {
+	case err != nil && ctx.Err() != nil:
+		return nil, err // cancelled or timed out: classified by the runner
+	case err != nil:
+		// Asking again could open a second approval: no retry.
+		return nil, c.fail(protocol.CodeInternal, "", false,
+			fmt.Sprintf("Step %d (approval): the approval could not be requested: %s", c.index, truncate(err.Error(), 300)))
 	}
 	if !approved {
 		f := c.fail(protocol.CodeForbidden, protocol.ReasonApprovalRejected, false,
