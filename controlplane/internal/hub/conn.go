@@ -26,6 +26,17 @@ type heldRun struct {
 	accepted bool
 }
 
+// refusal is a run an agent rejected.
+type refusal struct {
+	until  time.Time
+	noSlot bool // rejected with reason no_free_slot
+}
+
+// rejectNoFreeSlot is the reject reason of an agent that had no room for
+// the run (protocol README §4): the server's count of its free slots was
+// ahead of the agent's.
+const rejectNoFreeSlot = "no_free_slot"
+
 // conn is one connected agent.
 type conn struct {
 	h         *Hub
@@ -41,8 +52,9 @@ type conn struct {
 
 	// Guarded by h.mu.
 	// rejected remembers runs this agent refused, so that they are not
-	// pushed straight back to it (until the time stored).
-	rejected    map[string]time.Time
+	// pushed straight back to it (until the time stored, or for a refusal
+	// for want of a free slot, until a ready announces one).
+	rejected    map[string]refusal
 	free        int
 	runs        map[string]*heldRun
 	connectedAt time.Time

@@ -141,8 +141,8 @@ func (h *Hub) plan(runs []*store.Run) []claim {
 
 // refusedLocked reports whether the agent refused the run recently.
 func (c *conn) refusedLocked(runID string, now time.Time) bool {
-	until, ok := c.rejected[runID]
-	if ok && now.After(until) {
+	r, ok := c.rejected[runID]
+	if ok && now.After(r.until) {
 		delete(c.rejected, runID)
 		return false
 	}

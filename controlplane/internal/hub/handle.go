@@ -18,6 +18,16 @@ func (c *conn) handle(f protocol.Frame) {
 	case *protocol.Ready:
 		c.h.mu.Lock()
 		c.free = f.Slots - c.unaccountedLocked()
+		if f.Slots > 0 {
+			// Runs refused for want of a slot may come back now (a
+			// reconnected agent can refuse an assign pushed on welcome
+			// while a run it dropped is still stopping).
+			for id, r := range c.rejected {
+				if r.noSlot {
+					delete(c.rejected, id)
+				}
+			}
+		}
 		c.h.mu.Unlock()
 		c.h.Kick(c.accountID)
 	case *protocol.Heartbeat:
@@ -132,9 +142,9 @@ func (c *conn) reject(ctx context.Context, f *protocol.Reject) {
 	c.log.WithField("runId", f.RunID).WithField("reason", f.Reason).Info("run rejected by agent")
 	c.h.mu.Lock()
 	if c.rejected == nil {
-		c.rejected = map[string]time.Time{}
+		c.rejected = map[string]refusal{}
 	}
-	c.rejected[f.RunID] = c.h.Now().Add(c.h.cfg.LeaseTimeout)
+	c.rejected[f.RunID] = refusal{until: c.h.Now().Add(c.h.cfg.LeaseTimeout), noSlot: f.Reason == rejectNoFreeSlot}
 	c.h.mu.Unlock()
 	c.forget(f.RunID)
 }
