@@ -3,6 +3,7 @@ package e2e
 import (
 	"fmt"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -196,4 +197,95 @@ func TestAgentRestarted(t *testing.T) {
 	if ag2.logContains("rejecting run") {
 		t.Errorf("the server pushed runs to the restarted agent beyond its slots")
 	}
+}
+
+// TestNetworkCut: both processes stay up while the connection between them
+// is cut (a proxy in between). What was decided while the agent was away
+// reaches it when it reconnects: an approval (the run goes on), a rejection
+// (the agent drops the run and takes the next one at once), a cancel (the
+// run ends cancelled, before the server's cancel grace).
+func TestNetworkCut(t *testing.T) {
+	chromium(t)
+	site := fixtureSite(t)
+	const lease = 20 * time.Second
+	d := startDaemon(t, "-lease-timeout", lease.String())
+	_, token, agentToken := d.account(t, 10)
+	px := startProxy(t, strings.TrimPrefix(d.URL, "http://"))
+	ag := startAgent(t, &server{URL: px.URL()}, token, agentToken)
+
+	cut := func() {
+		t.Helper()
+		px.cut()
+		eventually(t, 30*time.Second, "agent cut off", func() (bool, string) {
+			return !agentListed(t, d.server, token, ag.clientID), ""
+		})
+	}
+	resolve := func(runID, action string) {
+		t.Helper()
+		for _, a := range d.call(t, "GET", "/v1/approvals?status=pending", token, nil, 200)["items"].([]any) {
+			if a := a.(map[string]any); a["runId"] == runID {
+				d.call(t, "POST", "/v1/approvals/"+a["id"].(string)+"/"+action, token, map[string]any{}, 200)
+				return
+			}
+		}
+		t.Fatalf("no pending approval for run %s", runID)
+	}
+	awaiting := func(r map[string]any) bool { return r["status"] == "awaiting_approval" }
+	approval := d.workflow(t, token, "approval", map[string]any{"version": 1, "timeoutMs": 120_000, "variables": []any{}, "steps": []any{
+		map[string]any{"type": "navigate", "url": site.URL + "/widgets.html"},
+		map[string]any{"type": "approval", "message": "Continue?"},
+		map[string]any{"type": "extract", "selector": "#title", "output": "title"},
+	}})
+
+	t.Run("approve", func(t *testing.T) {
+		id := d.runWorkflow(t, token, approval, nil)
+		d.waitRunWhere(t, token, id, "awaiting approval", 60*time.Second, awaiting)
+		cut()
+		resolve(id, "approve")
+		px.restore()
+		run := d.waitRun(t, token, id, 60*time.Second)
+		if run["status"] != "succeeded" || run["outputs"].(map[string]any)["title"] != "Widgets" {
+			t.Fatalf("run approved while its agent was away: %v", run)
+		}
+		chargedOnce(t, d.server, token, run)
+	})
+
+	t.Run("reject", func(t *testing.T) {
+		id := d.runWorkflow(t, token, approval, nil)
+		d.waitRunWhere(t, token, id, "awaiting approval", 60*time.Second, awaiting)
+		cut()
+		resolve(id, "reject")
+		run := d.waitRun(t, token, id, 10*time.Second)
+		if code, reason := runError(run); run["status"] != "failed" || code != "forbidden" || reason != "approval_rejected" {
+			t.Fatalf("run rejected while its agent was away: %v", run)
+		}
+		// The next run waits for the agent, which, on reconnecting, still
+		// stops the rejected one: the next run must not wait for long.
+		next := d.runWorkflow(t, token, d.workflow(t, token, "short", sleepyDefinition(site.URL, 200)), nil)
+		px.restore()
+		restored := time.Now()
+		if run := d.waitRun(t, token, next, 60*time.Second); run["status"] != "succeeded" {
+			t.Fatalf("the next run: %v", run)
+		}
+		if took := time.Since(restored); took > lease/2 {
+			t.Errorf("the next run ended %s after the agent came back", took)
+		}
+	})
+
+	t.Run("cancel", func(t *testing.T) {
+		id := d.runWorkflow(t, token, d.workflow(t, token, "long", sleepyDefinition(site.URL, 60_000)), nil)
+		d.waitRunWhere(t, token, id, "sleeping", 60*time.Second, stepRunning(1))
+		cut()
+		d.call(t, "POST", "/v1/runs/"+id+"/cancel", token, nil, 200)
+		px.restore()
+		restored := time.Now()
+		run := d.waitRun(t, token, id, 60*time.Second)
+		if run["status"] != "cancelled" {
+			t.Fatalf("run cancelled while its agent was away: %v", run)
+		}
+		if took := time.Since(restored); took > lease/2 {
+			t.Errorf("the run was cancelled %s after the agent came back (the server's grace is %s)", took, lease)
+		}
+		chargedOnce(t, d.server, token, run)
+	})
 }
