@@ -146,9 +146,11 @@ func TestCompareWithChromedp(t *testing.T) {
 	login := loadWorkflow(t, "login-search")
 	order := loadWorkflow(t, "order")
 	loginIn := map[string]any{"username": "ada", "password": "hunter2"}
-	var ours, plain []time.Duration
+	var ours, plain, create []time.Duration
 	for i := range 2 * n {
+		t0 := time.Now()
 		s1, err := shared.NewSession(context.Background())
+		create = append(create, time.Since(t0))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -170,6 +172,9 @@ func TestCompareWithChromedp(t *testing.T) {
 		s2.Close()
 	}
 	mo, mp := median(ours), median(plain)
+	t.Logf("NewSession median %v", median(create))
+	t.Logf("copelf %v", ours)
+	t.Logf("plain  %v", plain)
 	t.Logf("median of %d: copelf %v, plain chromedp %v, ratio %.3f (sum %v vs %v)", n, mo, mp, float64(mo)/float64(mp), sum(ours), sum(plain))
 }
 

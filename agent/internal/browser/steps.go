@@ -104,9 +104,13 @@ func compileStep(index int, st protocol.Step) *compiled {
 				return nil, err
 			}
 			if st.Clear {
+				// clearJS also focuses the field: one round trip less than
+				// KeyEventNode's DOM.focus.
 				if _, err := callOn[chromedp.Void](ctx, t, n, clearJS); err != nil {
 					return nil, err
 				}
+				_, err := chromedp.KeyEvent(st.Text)(ctx, t)
+				return nil, err
 			}
 			_, err := chromedp.KeyEventNode(n, st.Text)(ctx, t)
 			return nil, err
@@ -391,6 +395,7 @@ const (
 }`
 
 	clearJS = `function() {
+	this.focus();
 	if (this.isContentEditable) { this.textContent = ""; }
 	else {
 		const d = Object.getOwnPropertyDescriptor(Object.getPrototypeOf(this), "value");
