@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -350,9 +351,18 @@ func ppid(pid int) int {
 	return n
 }
 
-// using lists the processes whose command line mentions dir (Chromium
-// processes of an agent: their profile is under the agent's TMPDIR).
+// using lists the live processes whose command line mentions a path under
+// dir (Chromium processes of an agent: their profile is under the agent's
+// TMPDIR).
 func using(dir string) []int {
+	return processes(func(args [][]byte) bool {
+		return slices.ContainsFunc(args, func(a []byte) bool { return bytes.Contains(a, []byte(dir+string(os.PathSeparator))) })
+	})
+}
+
+// processes lists the live (not zombie) processes, this one excepted, whose
+// command line arguments match.
+func processes(match func(args [][]byte) bool) []int {
 	var out []int
 	ents, _ := os.ReadDir("/proc")
 	for _, e := range ents {
@@ -361,9 +371,15 @@ func using(dir string) []int {
 			continue
 		}
 		cmdline, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err == nil && bytes.Contains(cmdline, []byte(dir+string(os.PathSeparator))) {
-			out = append(out, pid)
+		if err != nil || len(cmdline) == 0 || !match(bytes.Split(cmdline, []byte{0})) {
+			continue
 		}
+		if stat, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat")); err == nil {
+			if i := bytes.LastIndexByte(stat, ')'); i >= 0 && i+2 < len(stat) && (stat[i+2] == 'Z' || stat[i+2] == 'X') {
+				continue
+			}
+		}
+		out = append(out, pid)
 	}
 	return out
 }
