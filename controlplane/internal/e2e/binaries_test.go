@@ -305,3 +305,49 @@ func TestBinaries(t *testing.T) {
 		}
 	})
 }
+
+// TestDevSample is `make run`: copelfd -dev seeds a demo account and the
+// sample workflow over the fixture pages it serves itself (-dev-site), and
+// writes the tokens to DATA_DIR/dev.env; an agent with that token runs the
+// sample workflow.
+func TestDevSample(t *testing.T) {
+	chromium(t)
+	d := startDaemon(t, "-dev", "-dev-site", filepath.Join(repoRoot(t), "testdata", "site"))
+	raw, err := os.ReadFile(filepath.Join(d.dataDir, "dev.env"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := map[string]string{}
+	for _, line := range strings.Split(strings.TrimSpace(string(raw)), "\n") {
+		k, v, _ := strings.Cut(line, "=")
+		env[k] = v
+	}
+	if env["COPELF_SERVER"] != d.URL {
+		t.Errorf("dev.env: %v", env)
+	}
+	token, wf := env["COPELF_TOKEN"], env["COPELF_SAMPLE_WORKFLOW"]
+	startAgent(t, d.server, token, env["COPELF_AGENT_TOKEN"])
+	before := d.credits(t, token)
+
+	id := d.runWorkflow(t, token, wf, map[string]any{"password": "hunter2"})
+	run := d.waitRun(t, token, id, 90*time.Second)
+	if run["status"] != "succeeded" {
+		t.Fatalf("run: %v", run)
+	}
+	if out := run["outputs"].(map[string]any); out["greeting"] != "Welcome, ada!" || out["firstResult"] != "chromium" {
+		t.Errorf("outputs: %v", out)
+	}
+	for i, s := range run["steps"].([]any) {
+		if st := s.(map[string]any); st["status"] != "succeeded" || st["durationMs"] == nil {
+			t.Errorf("step %d: %v", i, st)
+		}
+	}
+	res, body := d.raw(t, "GET", "/v1/runs/"+id+"/artifacts/results.png", token)
+	if res.StatusCode != 200 || !bytes.HasPrefix(body, []byte("\x89PNG")) {
+		t.Errorf("screenshot: %d, %d bytes", res.StatusCode, len(body))
+	}
+	chargedOnce(t, d.server, token, run)
+	if after := d.credits(t, token); after.Balance != before.Balance-1 || after.Held != 0 {
+		t.Errorf("credits before %+v, after %+v", before, after)
+	}
+}

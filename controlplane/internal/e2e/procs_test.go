@@ -207,10 +207,11 @@ func freeAddr(t *testing.T) string {
 // that it can be killed and started again on both.
 type daemon struct {
 	*server
-	args   []string
-	env    []string
-	p      *proc
-	starts int
+	dataDir string
+	args    []string
+	env     []string
+	p       *proc
+	starts  int
 }
 
 // startDaemon starts copelfd on a free port with a fresh SQLite database and
@@ -221,7 +222,8 @@ func startDaemon(t *testing.T, extra ...string) *daemon {
 	addr := freeAddr(t)
 	admin := fmt.Sprintf("copelf_api_e2e-admin-%d", time.Now().UnixNano())
 	d := &daemon{
-		server: &server{URL: "http://" + addr, Admin: admin, stop: func() {}},
+		server:  &server{URL: "http://" + addr, Admin: admin, stop: func() {}},
+		dataDir: filepath.Join(dir, "data"),
 		args: append([]string{"-addr", addr, "-db", "sqlite://" + filepath.Join(dir, "copelf.db"), "-data-dir", filepath.Join(dir, "data"),
 			"-log-format", "text", "-log-level", "info"}, extra...),
 		env: []string{"COPELF_ADMIN_TOKEN=" + admin},
