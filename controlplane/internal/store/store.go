@@ -196,6 +196,84 @@ const (
 	LedgerPurchase  = "purchase"   // paid checkout session
 )
 
+// Coupon grants credits to each account that redeems it, once per account,
+// at most MaxRedemptions times in all. Code is stored normalised
+// (coupons.Normalize), so codes are case-insensitive.
+type Coupon struct {
+	ID             string     `json:"id"`
+	Code           string     `json:"code"`
+	Credits        int64      `json:"credits"`
+	MaxRedemptions *int64     `json:"maxRedemptions"`
+	Redeemed       int64      `json:"redeemed"`
+	StartsAt       *time.Time `json:"startsAt"`
+	ExpiresAt      *time.Time `json:"expiresAt"`
+	Active         bool       `json:"active"`
+	CreatedAt      time.Time  `json:"createdAt"`
+}
+
+// CouponRedemption is the outcome of a redemption: the credits granted and
+// the account's balance after them.
+type CouponRedemption struct {
+	CouponID string       `json:"-"`
+	Entry    *LedgerEntry `json:"-"`
+	Credited int64        `json:"credited"`
+	Balance  int64        `json:"balance"`
+}
+
+// CheckoutStatus is where a Stripe Checkout Session stands for us. Pending
+// moves on to paid or failed; failed may still become paid (money received
+// wins); nothing leaves paid. Credits are granted on the move to paid, once.
+type CheckoutStatus string
+
+const (
+	CheckoutPending CheckoutStatus = "pending" // created, or completed without payment yet
+	CheckoutPaid    CheckoutStatus = "paid"    // paid: the pack's credits are granted
+	CheckoutFailed  CheckoutStatus = "failed"  // the asynchronous payment failed
+)
+
+// Valid reports whether s is a known checkout status.
+func (s CheckoutStatus) Valid() bool {
+	return s == CheckoutPending || s == CheckoutPaid || s == CheckoutFailed
+}
+
+// Next is the status of a session at s once Stripe reports to, whatever
+// the order reports arrive in: paid is final, a payment wins over a failure,
+// and a failure is not undone by a late "still pending".
+func (s CheckoutStatus) Next(to CheckoutStatus) CheckoutStatus {
+	switch {
+	case s == CheckoutPaid || !to.Valid():
+		return s
+	case to == CheckoutPaid:
+		return to
+	case s == CheckoutFailed:
+		return s
+	}
+	return to
+}
+
+// CheckoutSession is the record of a Stripe Checkout Session that buys a
+// credit pack. Credits is the pack's size when the session was first seen.
+type CheckoutSession struct {
+	ID        string         `json:"sessionId"`
+	AccountID string         `json:"accountId"`
+	PriceID   string         `json:"priceId"`
+	Credits   int64          `json:"credits"`
+	Status    CheckoutStatus `json:"status"`
+	CreatedAt time.Time      `json:"createdAt"`
+	UpdatedAt time.Time      `json:"updatedAt"`
+}
+
+// CheckoutResult says what a CheckoutUpdate did.
+type CheckoutResult struct {
+	// Session is the record after the update.
+	Session *CheckoutSession
+	// Entry is the session's purchase entry when it is paid (whoever
+	// granted it); nil otherwise.
+	Entry *LedgerEntry
+	// Granted is true for the one call that granted the credits.
+	Granted bool
+}
+
 // LedgerEntry is one append-only movement of credits.
 type LedgerEntry struct {
 	ID         string    `json:"id"`
@@ -355,6 +433,28 @@ type (
 		// Empty: always a new entry.
 		Key string
 	}
+	CouponCreateParams struct {
+		Code           string // normalised by the store
+		Credits        int64
+		MaxRedemptions *int64
+		StartsAt       *time.Time
+		ExpiresAt      *time.Time
+		Active         bool
+	}
+	CouponRedeemParams struct {
+		Code      string // any case
+		AccountID string
+	}
+	// CheckoutUpdateParams records what Stripe says of a session. AccountID,
+	// PriceID and Credits are used only when the session is not recorded
+	// yet; a recorded session keeps its own.
+	CheckoutUpdateParams struct {
+		SessionID string
+		AccountID string
+		PriceID   string
+		Credits   int64
+		Status    CheckoutStatus
+	}
 )
 
 // Store is the control plane's persistence. Every method takes a context and
@@ -414,6 +514,37 @@ type Store interface {
 	LedgerList(ctx context.Context, accountID string, page Page) ([]*LedgerEntry, string, error)
 	// LedgerSum is the sum of the account's entries (for audits and tests).
 	LedgerSum(ctx context.Context, accountID string) (int64, error)
+
+	// CouponCreate creates a coupon; a code in use (in any case) is conflict.
+	CouponCreate(ctx context.Context, p CouponCreateParams) (*Coupon, error)
+	// CouponGet finds a coupon by code, in any case (coupon_not_found).
+	CouponGet(ctx context.Context, code string) (*Coupon, error)
+	// CouponList lists coupons, newest first.
+	CouponList(ctx context.Context, page Page) ([]*Coupon, string, error)
+	// CouponDeactivate switches a coupon off (coupon_not_found); switching
+	// off an inactive coupon changes nothing.
+	CouponDeactivate(ctx context.Context, code string) (*Coupon, error)
+	// CouponRedeem grants the coupon's credits to the account in the same
+	// transaction that records the redemption. It fails with the first of
+	// coupon_not_found, coupon_inactive, coupon_expired,
+	// coupon_already_redeemed (one redemption per account, a unique
+	// constraint) and coupon_max_redemptions_reached (a guarded increment).
+	CouponRedeem(ctx context.Context, p CouponRedeemParams) (*CouponRedemption, error)
+
+	// AccountStripeCustomer returns the Stripe customer linked to the
+	// account, "" when none is.
+	AccountStripeCustomer(ctx context.Context, accountID string) (string, error)
+	// AccountStripeCustomerLink links customerID to the account unless one is
+	// linked already, and returns the linked customer: the first link wins.
+	AccountStripeCustomerLink(ctx context.Context, accountID, customerID string) (string, error)
+	// CheckoutUpdate records a session's status and, on the move to paid,
+	// grants its credits once (ledger key "stripe:checkout:<sessionId>", a
+	// unique constraint): any number of calls, in any order, grant once.
+	// A status the session may not move to is kept as it was (see
+	// CheckoutStatus). An unknown account is not_found, and nothing is written.
+	CheckoutUpdate(ctx context.Context, p CheckoutUpdateParams) (*CheckoutResult, error)
+	// CheckoutGet returns a recorded session (not_found).
+	CheckoutGet(ctx context.Context, sessionID string) (*CheckoutSession, error)
 
 	// IdempotencyBegin reserves key for a request. When the key exists it
 	// returns the record (Done false: still in progress) and false.

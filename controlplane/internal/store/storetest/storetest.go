@@ -56,6 +56,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"Credits", testCredits},
 		{"Idempotency", testIdempotency},
 		{"Races", testRaces},
+		{"Money", testMoney},
 	} {
 		t.Run(g.name, func(t *testing.T) {
 			t.Parallel()
