@@ -36,6 +36,7 @@ func TestAgentKilled(t *testing.T) {
 	}
 	// The lease, plus the reaper's sweep and polling, with room for a
 	// loaded machine.
+	t.Logf("the run failed %s after the agent was killed (lease %s)", took.Round(time.Millisecond), lease)
 	if took > lease+5*time.Second {
 		t.Errorf("the run failed %s after the agent was killed (lease %s)", took, lease)
 	}
@@ -191,7 +192,9 @@ func TestAgentRestarted(t *testing.T) {
 	}
 	// Each run sleeps a second; a run refused by the busy agent would wait
 	// out the refusal (a lease) first.
-	if took := time.Since(start); took > lease {
+	took := time.Since(start)
+	t.Logf("the two short runs took %s", took.Round(time.Millisecond))
+	if took > lease {
 		t.Errorf("the two short runs took %s", took)
 	}
 	if ag2.logContains("rejecting run") {
@@ -267,7 +270,9 @@ func TestNetworkCut(t *testing.T) {
 		if run := d.waitRun(t, token, next, 60*time.Second); run["status"] != "succeeded" {
 			t.Fatalf("the next run: %v", run)
 		}
-		if took := time.Since(restored); took > lease/2 {
+		took := time.Since(restored)
+		t.Logf("the next run ended %s after the agent came back", took.Round(time.Millisecond))
+		if took > lease/2 {
 			t.Errorf("the next run ended %s after the agent came back", took)
 		}
 	})
@@ -283,7 +288,9 @@ func TestNetworkCut(t *testing.T) {
 		if run["status"] != "cancelled" {
 			t.Fatalf("run cancelled while its agent was away: %v", run)
 		}
-		if took := time.Since(restored); took > lease/2 {
+		took := time.Since(restored)
+		t.Logf("the run was cancelled %s after the agent came back", took.Round(time.Millisecond))
+		if took > lease/2 {
 			t.Errorf("the run was cancelled %s after the agent came back (the server's grace is %s)", took, lease)
 		}
 		chargedOnce(t, d.server, token, run)
