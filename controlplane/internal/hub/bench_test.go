@@ -143,14 +143,18 @@ func benchLifecycles(b *testing.B, live bool, agents, slots int) {
 	e := benchEnv(b, hub.Config{LeaseTimeout: time.Minute}, b.N)
 	wfs := e.workflows(b.N)
 	ctx := context.Background()
+	clients := make([]*client, agents)
+	for i := range clients {
+		// Paused (ready{0}) until the timer starts. The hello announces the
+		// capacity: a finished run's slot comes back only up to it.
+		clients[i], _ = e.connect(fmt.Sprintf("worker-%d", i), slots)
+		clients[i].send(&protocol.Ready{Slots: 0})
+		clients[i].sync()
+	}
 	if !live {
 		for _, wf := range wfs {
 			e.queueRun(wf)
 		}
-	}
-	clients := make([]*client, agents)
-	for i := range clients {
-		clients[i], _ = e.connect(fmt.Sprintf("worker-%d", i), 0) // paused until the timer starts
 	}
 	var (
 		completed atomic.Int64
@@ -160,10 +164,18 @@ func benchLifecycles(b *testing.B, live bool, agents, slots int) {
 		wg        sync.WaitGroup
 	)
 	target := int64(b.N)
+	ready, _ := protocol.EncodeFrame(&protocol.Ready{Slots: slots})
+	begin := make(chan struct{})
 	for _, c := range clients {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			<-begin
+			// Each worker is its connection's only writer, ready included.
+			if err := c.ws.WriteMessage(websocket.TextMessage, ready); err != nil {
+				failed.Store(err.Error())
+				return
+			}
 			for {
 				var it item
 				select {
@@ -195,15 +207,10 @@ func benchLifecycles(b *testing.B, live bool, agents, slots int) {
 			}
 		}()
 	}
-	ready, _ := protocol.EncodeFrame(&protocol.Ready{Slots: slots})
 	b.ResetTimer()
 	cpu0 := cpuTime()
 	start := time.Now()
-	for _, c := range clients {
-		if err := c.ws.WriteMessage(websocket.TextMessage, ready); err != nil {
-			b.Fatal(err)
-		}
-	}
+	close(begin)
 	if live {
 		go func() {
 			for _, wf := range wfs {
