@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bytes"
 	"fmt"
 	"slices"
 	"strings"
@@ -52,6 +53,7 @@ func TestAgentKilled(t *testing.T) {
 // TestControlPlaneKilled: copelfd SIGKILLed mid-run and started again on the
 // same database and port; the agent reconnects by itself, resends the
 // events the dead server never acknowledged, and the run succeeds once.
+// Then again with a screenshot due while the server is down.
 func TestControlPlaneKilled(t *testing.T) {
 	chromium(t)
 	site := fixtureSite(t)
@@ -92,6 +94,30 @@ func TestControlPlaneKilled(t *testing.T) {
 	id = d.runWorkflow(t, token, wf, nil)
 	if run := d.waitRun(t, token, id, 60*time.Second); run["status"] != "succeeded" {
 		t.Fatalf("a run after the restart: %v", run)
+	}
+
+	// Killed again while a screenshot is due: its upload fails while the
+	// server is down and is retried; the run reports finished only once
+	// the file is stored.
+	shot := d.workflow(t, token, "screenshot", map[string]any{"version": 1, "timeoutMs": 120_000, "variables": []any{}, "steps": []any{
+		map[string]any{"type": "navigate", "url": site.URL + "/widgets.html"},
+		map[string]any{"type": "sleep", "ms": 1000},
+		map[string]any{"type": "screenshot", "name": "page"},
+	}})
+	id = d.runWorkflow(t, token, shot, nil)
+	d.waitRunWhere(t, token, id, "sleeping", 60*time.Second, stepRunning(1))
+	d.p.kill(t)
+	eventually(t, 60*time.Second, "the agent failed to upload the screenshot while copelfd was down", func() (bool, string) {
+		return ag.logContains("artifact upload failed", id), ""
+	})
+	d.start(t)
+	run = d.waitRun(t, token, id, 90*time.Second)
+	if run["status"] != "succeeded" || run["attempt"] != float64(1) {
+		t.Fatalf("run after the second restart: %v", run)
+	}
+	chargedOnce(t, d.server, token, run)
+	if res, body := d.raw(t, "GET", "/v1/runs/"+id+"/artifacts/page.png", token); res.StatusCode != 200 || !bytes.HasPrefix(body, []byte("\x89PNG")) {
+		t.Errorf("screenshot uploaded after the restart: %d, %d bytes", res.StatusCode, len(body))
 	}
 }
 
