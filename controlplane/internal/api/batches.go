@@ -380,6 +380,18 @@ func (s *Server) cancelBatch(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	// Agents holding the batch's runs are told at once (a cancel for running
+	// runs; a queued run's assign is withdrawn).
+	if s.Hooks != nil {
+		for _, it := range b.Iterations {
+			if it.RunID == "" {
+				continue
+			}
+			if run, err := s.store.RunGet(r.Context(), it.RunID); err == nil {
+				s.Hooks.RunChanged(r.Context(), run)
+			}
+		}
+	}
 	return writeJSON(w, http.StatusOK, viewBatch(b, s.batchSecrets(r, b)))
 }
 
