@@ -49,7 +49,7 @@ func (s *DB) ApprovalCreate(ctx context.Context, p store.ApprovalCreateParams) (
 }
 
 func (s *DB) ApprovalGet(ctx context.Context, id string) (*store.Approval, error) {
-	a, err := scanApproval(s.r.QueryRowContext(ctx, s.q(`SELECT `+approvalColumns+` FROM approvals WHERE id = ?`), id))
+	a, err := scanApproval(s.queryRow(ctx, s.r, `SELECT `+approvalColumns+` FROM approvals WHERE id = ?`, id))
 	return a, notFound(err, protocol.CodeNotFound)
 }
 
@@ -95,7 +95,7 @@ func (s *DB) ApprovalResolve(ctx context.Context, p store.ApprovalResolveParams)
 		if err != nil {
 			return err
 		}
-		a, err := scanApproval(tx.QueryRowContext(ctx, s.q(`SELECT `+approvalColumns+` FROM approvals WHERE id = ?`), p.ID))
+		a, err := scanApproval(s.queryRow(ctx, tx, `SELECT `+approvalColumns+` FROM approvals WHERE id = ?`, p.ID))
 		if err != nil {
 			return notFound(err, protocol.CodeNotFound)
 		}

@@ -77,7 +77,7 @@ func (s *DB) loadIterations(ctx context.Context, q querier, b *store.Batch) erro
 }
 
 func (s *DB) BatchGet(ctx context.Context, id string) (*store.Batch, error) {
-	b, err := scanBatch(s.r.QueryRowContext(ctx, s.q(`SELECT `+batchColumns+` FROM batches WHERE id = ?`), id))
+	b, err := scanBatch(s.queryRow(ctx, s.r, `SELECT `+batchColumns+` FROM batches WHERE id = ?`, id))
 	if err != nil {
 		return nil, notFound(err, protocol.CodeBatchNotFound)
 	}
@@ -85,7 +85,7 @@ func (s *DB) BatchGet(ctx context.Context, id string) (*store.Batch, error) {
 }
 
 func (s *DB) getBatchTx(ctx context.Context, tx *sql.Tx, id string) (*store.Batch, error) {
-	b, err := scanBatch(tx.QueryRowContext(ctx, s.q(`SELECT `+batchColumns+` FROM batches WHERE id = ?`+s.d.forUpdate), id))
+	b, err := scanBatch(s.queryRow(ctx, tx, `SELECT `+batchColumns+` FROM batches WHERE id = ?`+s.d.forUpdate, id))
 	return b, notFound(err, protocol.CodeBatchNotFound)
 }
 
@@ -231,7 +231,7 @@ func (s *DB) settleBatch(ctx context.Context, tx *sql.Tx, r *store.Run) error {
 // frees the workflow's slot.
 func (s *DB) releaseBatchSlot(ctx context.Context, tx *sql.Tx, batchID, workflowID string) error {
 	var active int
-	if err := tx.QueryRowContext(ctx, s.q(`SELECT COUNT(*) FROM runs WHERE batch_id = ? AND status IN `+activeRunStates), batchID).Scan(&active); err != nil {
+	if err := s.queryRow(ctx, tx, `SELECT COUNT(*) FROM runs WHERE batch_id = ? AND status IN `+activeRunStates, batchID).Scan(&active); err != nil {
 		return err
 	}
 	if active > 0 {

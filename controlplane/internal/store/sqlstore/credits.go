@@ -39,7 +39,7 @@ func (s *DB) insertHold(ctx context.Context, tx *sql.Tx, accountID, runID string
 // resolveHold moves a pending hold to status at most once and returns its
 // account and amount; ok is false when it was not pending.
 func (s *DB) resolveHold(ctx context.Context, tx *sql.Tx, runID, status string) (accountID string, amount int64, ok bool, err error) {
-	err = tx.QueryRowContext(ctx, s.q(`UPDATE credit_holds SET status = ?, resolved_at = ? WHERE run_id = ? AND status = 'pending' RETURNING account_id, amount`),
+	err = s.queryRow(ctx, tx, `UPDATE credit_holds SET status = ?, resolved_at = ? WHERE run_id = ? AND status = 'pending' RETURNING account_id, amount`,
 		status, ms(s.now()), runID).Scan(&accountID, &amount)
 	if errors.Is(err, sql.ErrNoRows) {
 		return "", 0, false, nil
@@ -101,7 +101,7 @@ func (s *DB) appendLedger(ctx context.Context, tx *sql.Tx, accountID, kind strin
 
 func (s *DB) creditsOn(ctx context.Context, q querier, accountID string) (store.Credits, error) {
 	var c store.Credits
-	err := q.QueryRowContext(ctx, s.q(`SELECT balance, held FROM accounts WHERE id = ?`), accountID).Scan(&c.Balance, &c.Held)
+	err := s.queryRow(ctx, q, `SELECT balance, held FROM accounts WHERE id = ?`, accountID).Scan(&c.Balance, &c.Held)
 	if err != nil {
 		return c, notFound(err, protocol.CodeNotFound)
 	}
@@ -123,7 +123,7 @@ func (s *DB) CreditsGrant(ctx context.Context, p store.CreditsGrantParams) (*sto
 			// A repeat answers with the first entry before any check: a
 			// repeated deduction must not fail for want of credits it
 			// already took.
-			e, err := scanLedger(tx.QueryRowContext(ctx, s.q(`SELECT `+ledgerColumns+` FROM ledger WHERE idem_key = ?`), p.Key))
+			e, err := scanLedger(s.queryRow(ctx, tx, `SELECT `+ledgerColumns+` FROM ledger WHERE idem_key = ?`, p.Key))
 			if err == nil {
 				out = e
 				return errAlreadyDone
@@ -150,13 +150,13 @@ func (s *DB) CreditsGrant(ctx context.Context, p store.CreditsGrantParams) (*sto
 		if !inserted {
 			// Already granted under this key: undo the balance change by
 			// rolling back, and answer with the first entry.
-			out, err = scanLedger(tx.QueryRowContext(ctx, s.q(`SELECT `+ledgerColumns+` FROM ledger WHERE idem_key = ?`), p.Key))
+			out, err = scanLedger(s.queryRow(ctx, tx, `SELECT `+ledgerColumns+` FROM ledger WHERE idem_key = ?`, p.Key))
 			if err != nil {
 				return err
 			}
 			return errAlreadyDone
 		}
-		out, err = scanLedger(tx.QueryRowContext(ctx, s.q(`SELECT `+ledgerColumns+` FROM ledger WHERE id = ?`), id))
+		out, err = scanLedger(s.queryRow(ctx, tx, `SELECT `+ledgerColumns+` FROM ledger WHERE id = ?`, id))
 		return err
 	})
 	if errors.Is(err, errAlreadyDone) {
@@ -196,6 +196,6 @@ func (s *DB) LedgerList(ctx context.Context, accountID string, page store.Page) 
 
 func (s *DB) LedgerSum(ctx context.Context, accountID string) (int64, error) {
 	var sum int64
-	err := s.r.QueryRowContext(ctx, s.q(`SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE account_id = ?`), accountID).Scan(&sum)
+	err := s.queryRow(ctx, s.r, `SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE account_id = ?`, accountID).Scan(&sum)
 	return sum, err
 }

@@ -47,14 +47,14 @@ func (s *DB) AgentUpsert(ctx context.Context, p store.AgentUpsertParams) (*store
 		if err != nil {
 			return err
 		}
-		out, err = scanAgent(tx.QueryRowContext(ctx, s.q(`SELECT `+agentColumns+` FROM agents WHERE account_id = ? AND client_id = ?`), p.AccountID, p.ClientID))
+		out, err = scanAgent(s.queryRow(ctx, tx, `SELECT `+agentColumns+` FROM agents WHERE account_id = ? AND client_id = ?`, p.AccountID, p.ClientID))
 		return err
 	})
 	return out, err
 }
 
 func (s *DB) AgentGet(ctx context.Context, id string) (*store.Agent, error) {
-	a, err := scanAgent(s.r.QueryRowContext(ctx, s.q(`SELECT `+agentColumns+` FROM agents WHERE id = ?`), id))
+	a, err := scanAgent(s.queryRow(ctx, s.r, `SELECT `+agentColumns+` FROM agents WHERE id = ?`, id))
 	return a, notFound(err, protocol.CodeNotFound)
 }
 
@@ -177,8 +177,10 @@ func (s *DB) RunEventApply(ctx context.Context, p store.RunEventParams) (*store.
 		if r.LeaseID == "" || r.LeaseID != p.LeaseID {
 			return errLeaseLost()
 		}
+		// The lease's last applied seq and the run's history length, in one read.
 		var last, runSeq int64
-		if err := tx.QueryRowContext(ctx, s.q(`SELECT COALESCE(MAX(lease_seq), 0) FROM run_events WHERE lease_id = ?`), p.LeaseID).Scan(&last); err != nil {
+		if err := s.queryRow(ctx, tx, `SELECT COALESCE(MAX(CASE WHEN lease_id = ? THEN lease_seq END), 0), COALESCE(MAX(seq), 0) + 1
+			FROM run_events WHERE run_id = ?`, p.LeaseID, p.RunID).Scan(&last, &runSeq); err != nil {
 			return err
 		}
 		switch {
@@ -191,9 +193,6 @@ func (s *DB) RunEventApply(ctx context.Context, p store.RunEventParams) (*store.
 		}
 		if r.Status.Terminal() {
 			return protocol.Errorf(protocol.CodeConflict, "The run has already finished.").With("status", r.Status).With("reason", "run_finished")
-		}
-		if err := tx.QueryRowContext(ctx, s.q(`SELECT COALESCE(MAX(seq), 0) + 1 FROM run_events WHERE run_id = ?`), p.RunID).Scan(&runSeq); err != nil {
-			return err
 		}
 		body := p.Body
 		if len(body) == 0 {
@@ -391,6 +390,6 @@ func (s *DB) ArtifactList(ctx context.Context, runID string) ([]*store.Artifact,
 }
 
 func (s *DB) ArtifactGet(ctx context.Context, runID, name string) (*store.Artifact, error) {
-	a, err := scanArtifact(s.r.QueryRowContext(ctx, s.q(`SELECT run_id, name, content_type, size, sha256, created_at FROM artifacts WHERE run_id = ? AND name = ?`), runID, name))
+	a, err := scanArtifact(s.queryRow(ctx, s.r, `SELECT run_id, name, content_type, size, sha256, created_at FROM artifacts WHERE run_id = ? AND name = ?`, runID, name))
 	return a, notFound(err, protocol.CodeNotFound)
 }

@@ -23,7 +23,7 @@ func (s *DB) IdempotencyBegin(ctx context.Context, rec store.IdempotencyRecord) 
 	var done int
 	var body sql.NullString
 	var created int64
-	err = s.w.QueryRowContext(ctx, s.q(`SELECT account_id, idem_key, request_hash, done, status, body, created_at FROM idempotency_keys WHERE account_id = ? AND idem_key = ?`),
+	err = s.queryRow(ctx, s.w, `SELECT account_id, idem_key, request_hash, done, status, body, created_at FROM idempotency_keys WHERE account_id = ? AND idem_key = ?`,
 		rec.AccountID, rec.Key).Scan(&got.AccountID, &got.Key, &got.RequestHash, &done, &got.Status, &body, &created)
 	if errors.Is(err, sql.ErrNoRows) {
 		// Aborted between our insert and read: try once more.

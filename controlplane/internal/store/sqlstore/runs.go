@@ -143,7 +143,7 @@ func (s *DB) RunCreate(ctx context.Context, p store.RunCreateParams) (*store.Run
 
 // workflowBusy explains why a workflow's active slot could not be taken.
 func (s *DB) workflowBusy(ctx context.Context, tx *sql.Tx, workflowID string) error {
-	w, err := scanWorkflow(tx.QueryRowContext(ctx, s.q(`SELECT `+workflowColumns+` FROM workflows WHERE id = ?`), workflowID))
+	w, err := scanWorkflow(s.queryRow(ctx, tx, `SELECT `+workflowColumns+` FROM workflows WHERE id = ?`, workflowID))
 	switch {
 	case err != nil:
 		return notFound(err, protocol.CodeWorkflowNotFound)
@@ -160,12 +160,12 @@ func (s *DB) workflowBusy(ctx context.Context, tx *sql.Tx, workflowID string) er
 }
 
 func (s *DB) RunGet(ctx context.Context, id string) (*store.Run, error) {
-	r, err := scanRun(s.r.QueryRowContext(ctx, s.q(`SELECT `+runColumns+` FROM runs WHERE id = ?`), id))
+	r, err := scanRun(s.queryRow(ctx, s.r, `SELECT `+runColumns+` FROM runs WHERE id = ?`, id))
 	return r, notFound(err, protocol.CodeNotFound)
 }
 
 func (s *DB) getRunTx(ctx context.Context, tx *sql.Tx, id string) (*store.Run, error) {
-	r, err := scanRun(tx.QueryRowContext(ctx, s.q(`SELECT `+runColumns+` FROM runs WHERE id = ?`+s.d.forUpdate), id))
+	r, err := scanRun(s.queryRow(ctx, tx, `SELECT `+runColumns+` FROM runs WHERE id = ?`+s.d.forUpdate, id))
 	return r, notFound(err, protocol.CodeNotFound)
 }
 

@@ -44,12 +44,12 @@ func (s *DB) UserCreate(ctx context.Context, p store.UserCreateParams) (*store.U
 }
 
 func (s *DB) UserGet(ctx context.Context, id string) (*store.User, error) {
-	u, err := scanUser(s.r.QueryRowContext(ctx, s.q(`SELECT `+userColumns+` FROM users WHERE id = ?`), id))
+	u, err := scanUser(s.queryRow(ctx, s.r, `SELECT `+userColumns+` FROM users WHERE id = ?`, id))
 	return u, notFound(err, protocol.CodeNotFound)
 }
 
 func (s *DB) UserGetByEmail(ctx context.Context, email string) (*store.User, error) {
-	u, err := scanUser(s.r.QueryRowContext(ctx, s.q(`SELECT `+userColumns+` FROM users WHERE email_lower = ?`), strings.ToLower(email)))
+	u, err := scanUser(s.queryRow(ctx, s.r, `SELECT `+userColumns+` FROM users WHERE email_lower = ?`, strings.ToLower(email)))
 	return u, notFound(err, protocol.CodeNotFound)
 }
 

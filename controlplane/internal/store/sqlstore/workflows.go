@@ -61,7 +61,7 @@ func (s *DB) WorkflowList(ctx context.Context, accountID string, page store.Page
 // workflow_has_active_requests while it has pending approvals or an active
 // run or batch.
 func (s *DB) lockWorkflowIdle(ctx context.Context, tx *sql.Tx, id string) (*store.Workflow, error) {
-	w, err := scanWorkflow(tx.QueryRowContext(ctx, s.q(`SELECT `+workflowColumns+` FROM workflows WHERE id = ?`+s.d.forUpdate), id))
+	w, err := scanWorkflow(s.queryRow(ctx, tx, `SELECT `+workflowColumns+` FROM workflows WHERE id = ?`+s.d.forUpdate, id))
 	if err != nil {
 		return nil, notFound(err, protocol.CodeWorkflowNotFound)
 	}
@@ -131,7 +131,14 @@ func queryAll[T any](ctx context.Context, s *DB, query string, args []any, scan 
 	if len(on) > 0 {
 		q = on[0]
 	}
-	rows, err := q.QueryContext(ctx, s.q(query), args...)
+	query = s.q(query)
+	var rows *sql.Rows
+	var err error
+	if st := s.stmt(ctx, q, query); st != nil {
+		rows, err = st.QueryContext(ctx, args...)
+	} else {
+		rows, err = q.QueryContext(ctx, query, args...)
+	}
 	if err != nil {
 		return nil, err
 	}
