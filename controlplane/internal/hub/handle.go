@@ -198,9 +198,7 @@ func (c *conn) event(ctx context.Context, f *protocol.Event) {
 // eventNotHeld answers an event about a run this connection does not hold.
 // An agent resends the events whose acks it lost, in order, after a
 // reconnect; when they finished the run, the new connection does not hold
-// it, yet each was applied and is acknowledged again. A new event of the
-// lease of a run the server ended (cancelled, timed out, approval rejected)
-// is refused with run_finished (protocol README §6). Anything else is
+// it, yet each was applied and is acknowledged again. Anything else is
 // refused.
 func (c *conn) eventNotHeld(ctx context.Context, f *protocol.Event) {
 	r, err := c.h.store.RunGet(ctx, f.RunID)
@@ -210,11 +208,6 @@ func (c *conn) eventNotHeld(ctx context.Context, f *protocol.Event) {
 		res, err := c.h.store.RunEventApply(ctx, store.RunEventParams{RunID: f.RunID, LeaseID: f.LeaseID, Seq: f.Seq, Kind: string(f.Kind)})
 		if err == nil && res.Duplicate {
 			c.sendFrame(&protocol.Ack{RunID: f.RunID, Seq: f.Seq})
-			return
-		}
-		var pe *protocol.Error
-		if isConflict(err, &pe) && pe.Details["reason"] == "run_finished" {
-			c.sendError(pe, f.RunID)
 			return
 		}
 	}
