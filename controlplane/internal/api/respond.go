@@ -1,6 +1,7 @@
 package api
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -25,7 +26,14 @@ func writeJSON(w http.ResponseWriter, status int, v any) error {
 func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	var e *protocol.Error
 	if !errors.As(err, &e) || !e.Code.Valid() {
-		s.log.WithFields(logrus.Fields{"requestId": RequestID(r.Context()), "error": err.Error()}).Error("internal error")
+		log := s.log.WithFields(logrus.Fields{"requestId": RequestID(r.Context()), "error": err.Error()})
+		if errors.Is(err, context.Canceled) && r.Context().Err() != nil {
+			// The client went away mid-request (an agent dropping an
+			// upload): nothing failed here, and nobody reads the answer.
+			log.Info("request abandoned by the client")
+		} else {
+			log.Error("internal error")
+		}
 		e = protocol.NewError(protocol.CodeInternal)
 	}
 	out := *e
