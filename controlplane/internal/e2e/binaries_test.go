@@ -300,8 +300,15 @@ func TestBinaries(t *testing.T) {
 		if code := d.p.wait(t, 60*time.Second); code != 0 {
 			t.Errorf("copelfd exit status %d after SIGTERM, want 0", code)
 		}
-		if strings.Contains(tail(d.p.log, 20), "level=error") {
-			t.Errorf("copelfd logged errors while stopping:\n%s", tail(d.p.log, 20))
+		// Nothing in this session was a failure of the server's.
+		if raw, _ := os.ReadFile(d.p.log); bytes.Contains(raw, []byte("level=error")) {
+			var errs []string
+			for _, l := range strings.Split(string(raw), "\n") {
+				if strings.Contains(l, "level=error") {
+					errs = append(errs, l)
+				}
+			}
+			t.Errorf("copelfd logged errors:\n%s", strings.Join(errs, "\n"))
 		}
 	})
 }
