@@ -427,6 +427,9 @@ func TestOpenAPITour(t *testing.T) {
 	expect(e.get("/v1/credits", token), http.StatusOK)
 	expect(e.get("/v1/credits/ledger?limit=2", token), http.StatusOK)
 
+	// Coupons and billing (stripe-mock; skipped with how to install it when missing).
+	tourMoney(t)
+
 	// Every documented success response has been seen.
 	doc, _ := loadOpenAPI(t)
 	for path, item := range doc.Paths.Map() {

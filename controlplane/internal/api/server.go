@@ -15,6 +15,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/copelf/copelf/controlplane/internal/billing"
 	"github.com/copelf/copelf/controlplane/internal/store"
 	"github.com/copelf/copelf/protocol"
 )
@@ -34,6 +35,22 @@ type Config struct {
 	DataDir string
 	// MaxArtifactBytes bounds one artifact upload (default 10 MiB).
 	MaxArtifactBytes int64
+
+	// Prices are the credit packs on sale (-prices); nil: none.
+	Prices *billing.Prices
+	// Stripe makes the checkout, customer and portal calls; nil: billing
+	// is not configured and those routes answer checkout_failed
+	// (details.reason "billing_not_configured").
+	Stripe *billing.Stripe
+	// Sessions tells the success page whether a Checkout Session is paid;
+	// nil: Stripe.
+	Sessions billing.SessionStatuser
+	// WebhookSecret verifies the webhook's Stripe-Signature; "": the
+	// webhook answers checkout_failed (billing_not_configured).
+	WebhookSecret string
+	// PublicURL is where Stripe sends customers back to (success, cancel
+	// and portal return pages); "": the scheme and host of the request.
+	PublicURL string
 }
 
 // Server serves the API.
@@ -176,6 +193,16 @@ func (s *Server) routes() {
 	s.handle("/v1/credits", methods{"GET": s.getCredits})
 	s.handle("/v1/credits/ledger", methods{"GET": s.listLedger})
 	s.handle("/v1/accounts/{accountId}/credits", methods{"POST": s.idempotent(s.grantCredits)})
+
+	s.handle("/v1/coupons", methods{"POST": s.idempotent(s.createCoupon), "GET": s.listCoupons})
+	s.handle("/v1/coupons/redeem", methods{"POST": s.idempotent(s.redeemCoupon)})
+	s.handle("/v1/coupons/{code}/deactivate", methods{"POST": s.deactivateCoupon})
+
+	s.handle("/v1/billing/prices", methods{"GET": s.listPrices})
+	s.handle("/v1/billing/checkout", methods{"POST": s.idempotent(s.createCheckout)})
+	s.handle("/v1/billing/checkout/{sessionId}", methods{"GET": s.checkoutStatus})
+	s.handle("/v1/billing/portal", methods{"POST": s.billingPortal})
+	s.handle("/v1/billing/webhook", methods{"POST": s.webhook})
 }
 
 func (s *Server) healthz(w http.ResponseWriter, r *http.Request) error {
