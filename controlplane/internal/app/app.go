@@ -15,6 +15,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/copelf/copelf/controlplane/internal/api"
+	"github.com/copelf/copelf/controlplane/internal/billing"
 	"github.com/copelf/copelf/controlplane/internal/hub"
 	"github.com/copelf/copelf/controlplane/internal/store"
 	"github.com/copelf/copelf/controlplane/internal/store/sqlstore"
@@ -29,6 +30,10 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer, ready fun
 		return err
 	}
 	log, err := newLogger(cfg, stderr)
+	if err != nil {
+		return err
+	}
+	bc, err := billingConfig(cfg, log)
 	if err != nil {
 		return err
 	}
@@ -53,7 +58,8 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer, ready fun
 		return fmt.Errorf("bootstrap admin: %w", err)
 	}
 
-	srv := api.New(st, log, api.Config{SessionTTL: cfg.SessionTTL, RunCost: cfg.RunCost, DataDir: cfg.DataDir})
+	srv := api.New(st, log, api.Config{SessionTTL: cfg.SessionTTL, RunCost: cfg.RunCost, DataDir: cfg.DataDir,
+		Prices: bc.Prices, Stripe: bc.Stripe, WebhookSecret: bc.WebhookSecret})
 	h := hub.New(st, log, func(ctx context.Context, token string) (*store.User, *store.Token, error) {
 		p, err := srv.Authenticate(ctx, token)
 		if err != nil {
@@ -108,6 +114,27 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer, ready fun
 	}
 	log.Info("stopped")
 	return nil
+}
+
+// billingConfig reads the -prices file and sets up Stripe. Without
+// -stripe-key (or -stripe-webhook-secret) the server runs and the billing
+// routes answer checkout_failed (billing_not_configured).
+func billingConfig(cfg Config, log logrus.FieldLogger) (api.Config, error) {
+	var out api.Config
+	prices, err := billing.LoadPrices(cfg.PricesFile)
+	if err != nil {
+		return out, fmt.Errorf("-prices: %w", err)
+	}
+	out.Prices, out.WebhookSecret = prices, cfg.StripeWebhook
+	if cfg.StripeKey != "" {
+		out.Stripe = billing.NewStripe(billing.StripeConfig{Key: cfg.StripeKey, APIBase: cfg.StripeAPIBase})
+	} else {
+		log.Info("billing is off: no -stripe-key")
+	}
+	if cfg.StripeKey != "" && cfg.StripeWebhook == "" {
+		log.Warn("-stripe-webhook-secret is not set: Stripe's webhook is refused; paid checkouts are granted only from the success page")
+	}
+	return out, nil
 }
 
 func openStore(ctx context.Context, dsn string) (store.Store, error) {
