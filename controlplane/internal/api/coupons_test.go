@@ -77,16 +77,18 @@ func TestCouponAdmin(t *testing.T) {
 	expectError(t, e.post("/v1/coupons", "", map[string]any{"code": "anon", "credits": 5}), protocol.CodeUnauthenticated)
 	expectError(t, e.get("/v1/coupons", ""), protocol.CodeUnauthenticated)
 
-	// List, newest first, in pages.
+	// List in pages (newest first; the store's tests check the order).
 	r := e.get("/v1/coupons?limit=1", e.Admin)
 	expectStatus(t, r, http.StatusOK)
 	first, next := listIDs(t, r)
-	if len(first) != 1 || first[0] != plain["id"] || next == nil {
+	if len(first) != 1 || next == nil {
 		t.Fatalf("first page %v next %v", first, next)
 	}
 	r = e.get("/v1/coupons?limit=1&cursor="+next.(string), e.Admin)
-	if second, _ := listIDs(t, r); len(second) != 1 || second[0] != c["id"] {
-		t.Errorf("second page %v", second)
+	expectStatus(t, r, http.StatusOK)
+	second, last := listIDs(t, r)
+	if !sameSet(append(first, second...), []string{c["id"].(string), plain["id"].(string)}) || last != nil {
+		t.Errorf("pages %v, %v (next %v)", first, second, last)
 	}
 	expectError(t, e.get("/v1/coupons?cursor=nope", e.Admin), protocol.CodeBadRequest)
 
