@@ -113,8 +113,8 @@ func (r *response) Map(t *testing.T) map[string]any {
 // or any value (sent as JSON).
 type request struct {
 	Method, Path, Token string
-	Body               any
-	Header             map[string]string
+	Body                any
+	Header              map[string]string
 }
 
 // do sends a request to the server and reads the whole response. Every
