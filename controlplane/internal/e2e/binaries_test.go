@@ -213,6 +213,32 @@ func TestBinaries(t *testing.T) {
 		}
 	})
 
+	// A run no agent can take (it needs a label the agent lacks) and that is
+	// cancelled before it starts costs nothing: its hold is released and the
+	// ledger has no entry for it, while the agent is connected.
+	t.Run("cancel before start", func(t *testing.T) {
+		wf := d.workflow(t, token, "never starts", sleepyDefinition(site.URL, 10))
+		before := d.credits(t, token)
+		queued := d.call(t, "POST", "/v1/workflows/"+wf+"/runs", token, map[string]any{"labels": map[string]any{"pool": "nowhere"}}, 201)
+		id := queued["id"].(string)
+		if got := d.call(t, "GET", "/v1/runs/"+id, token, nil, 200); got["status"] != "queued" || got["queue"].(map[string]any)["reason"] != "no_matching_agent" {
+			t.Fatalf("run: %v", got)
+		}
+		if held := d.credits(t, token); held.Held != before.Held+1 {
+			t.Errorf("credits while queued: %+v, before %+v", held, before)
+		}
+		run := d.call(t, "POST", "/v1/runs/"+id+"/cancel", token, nil, 200)
+		if run["status"] != "cancelled" || run["cost"].(map[string]any)["charged"] != float64(0) {
+			t.Fatalf("cancelled run: %v", run)
+		}
+		if after := d.credits(t, token); after != before {
+			t.Errorf("credits after: %+v, before %+v", after, before)
+		}
+		if entries := d.ledger(t, token, id); len(entries) != 0 {
+			t.Errorf("ledger of a run cancelled before it started: %v", entries)
+		}
+	})
+
 	t.Run("batch", func(t *testing.T) {
 		def := map[string]any{"version": 1, "timeoutMs": 120_000,
 			"variables": []any{map[string]any{"name": "who", "type": "string", "required": true}},
