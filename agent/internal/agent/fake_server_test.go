@@ -166,17 +166,6 @@ func (s *fakeServer) conn(t *testing.T) *fakeConn {
 	}
 }
 
-func (s *fakeServer) upload(t *testing.T) upload {
-	t.Helper()
-	select {
-	case u := <-s.uploads:
-		return u
-	case <-time.After(wait):
-		t.Fatal("no artifact upload")
-		return upload{}
-	}
-}
-
 // fakeConn is one agent connection as the server sees it.
 type fakeConn struct {
 	ws          *websocket.Conn
