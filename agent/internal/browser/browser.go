@@ -87,6 +87,15 @@ func FindExecPath() (string, error) {
 //     server, interest feeds, and the "paint holding" delay that keeps the old
 //     page on screen for up to 500 ms after a same-origin navigation
 //     (screenshots right after a navigation then show the new page).
+//     Three more are costs of the fresh incognito context of every run:
+//     each context opens a browser window, for which Chromium preloads the
+//     omnibox popup WebUIs (WebUIOmniboxPopup, WebUIOmniboxAimPopup: two
+//     chrome://omnibox-popup.top-chrome pages in a renderer process of
+//     their own, never shown in a headless window); and after a navigation
+//     it starts a spare renderer for the next navigation in the same
+//     context (SpareRendererForSitePerProcess), never used since the next
+//     run has a context of its own. Without them a run starts one renderer
+//     process instead of three.
 //   - disable-dev-shm-usage=false when /dev/shm is large: shared memory on
 //     tmpfs instead of file-backed temporary files (chromedp turns it on by
 //     default for small Docker /dev/shm).
@@ -101,7 +110,10 @@ func FindExecPath() (string, error) {
 // 9 ms per typed character), --in-process-gpu (no gain beyond the noise).
 // Measured (2 cores, interleaved runs of the two sample workflows): this set
 // used ~6% less Chromium CPU than chromedp's defaults with the flags above
-// that the agent must have, at the same wall time.
+// that the agent must have, at the same wall time. The omnibox and spare
+// renderer features, measured through the agent (cli BenchmarkThroughput,
+// login-search, slots 1 and 2, three interleaved rounds): Chromium CPU per
+// run 1.58–1.76 s → 0.65–0.83 s, runs/s 1.09–1.22 → 1.71–2.52.
 func defaultFlags() map[string]any {
 	f := map[string]any{
 		"headless":                               true,
@@ -114,7 +126,7 @@ func defaultFlags() map[string]any {
 		"no-pings":                               true,
 		"disable-client-side-phishing-detection": true,
 		"mute-audio":                             true,
-		"disable-features":                       "Translate,BlinkGenPropertyTrees,OptimizationHints,MediaRouter,DialMediaRouteProvider,AutofillServerCommunication,InterestFeedContentSuggestions,PaintHolding,CertificateTransparencyComponentUpdater",
+		"disable-features":                       "Translate,BlinkGenPropertyTrees,OptimizationHints,MediaRouter,DialMediaRouteProvider,AutofillServerCommunication,InterestFeedContentSuggestions,PaintHolding,CertificateTransparencyComponentUpdater,WebUIOmniboxPopup,WebUIOmniboxAimPopup,SpareRendererForSitePerProcess",
 		"window-size":                            "1280,800",
 	}
 	if largeDevShm() {
