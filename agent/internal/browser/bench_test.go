@@ -178,6 +178,52 @@ func TestCompareWithChromedp(t *testing.T) {
 	t.Logf("median of %d: copelf %v, plain chromedp %v, ratio %.3f (sum %v vs %v)", n, mo, mp, float64(mo)/float64(mp), sum(ours), sum(plain))
 }
 
+// BenchmarkCompareWithChromedp is TestCompareWithChromedp as a benchmark:
+// each iteration runs the two sample workflows once through Session.Run
+// and once as the plain chromedp program (in turn first), each pair in two
+// new sessions of the shared warm browser created outside the timing, and
+// reports the median wall times and their ratio (goal ≤ 1.05).
+//
+//	go test -run='^$' -bench=CompareWithChromedp -benchtime=10x ./agent/internal/browser
+func BenchmarkCompareWithChromedp(b *testing.B) {
+	login := loadWorkflow(b, "login-search")
+	order := loadWorkflow(b, "order")
+	loginIn := map[string]any{"username": "ada", "password": "hunter2"}
+	pair := func(copelf bool) time.Duration {
+		s1, s2 := benchSession(b), benchSession(b)
+		defer s1.Close()
+		defer s2.Close()
+		start := time.Now()
+		if copelf {
+			wantSucceeded(b, runIn(b, s1, context.Background(), login, nil, withInputs(loginIn)))
+			wantSucceeded(b, runIn(b, s2, context.Background(), order, nil))
+		} else {
+			plainLoginSearch(b, s1.ctx)
+			plainOrder(b, s2.ctx)
+		}
+		return time.Since(start)
+	}
+	pair(true) // warm-up
+	pair(false)
+	var ours, plain []time.Duration
+	for i := 0; b.Loop(); i++ {
+		first := i%2 == 0
+		for _, copelf := range []bool{first, !first} {
+			d := pair(copelf)
+			if copelf {
+				ours = append(ours, d)
+			} else {
+				plain = append(plain, d)
+			}
+		}
+	}
+	mo, mp := median(ours), median(plain)
+	b.ReportMetric(float64(mo)/float64(time.Millisecond), "copelf-ms")
+	b.ReportMetric(float64(mp)/float64(time.Millisecond), "chromedp-ms")
+	b.ReportMetric(float64(mo)/float64(mp), "copelf/chromedp")
+	b.ReportMetric(0, "ns/op")
+}
+
 func median(d []time.Duration) time.Duration {
 	s := slices.Clone(d)
 	slices.Sort(s)
