@@ -53,7 +53,20 @@ lint: ## gofmt, go vet and staticcheck
 
 .PHONY: bench
 bench: ## print run creations per second and latency over HTTP on SQLite
+	@echo "== run creations/s and POST latency over HTTP on SQLite, 1 and 32 clients (goal ≥ 2,000/s with 32)"
 	$(GO) test -run='^$$' -bench=BenchmarkRunCreateHTTP -benchtime=5000x ./controlplane/internal/app/
+	@echo "== dispatch latency, commit of a new run → assign read by an idle agent (goal p50 ≤ 1 ms, p99 ≤ 5 ms)"
+	$(GO) test -run='^$$' -bench=BenchmarkDispatchLatency -benchtime=2000x ./controlplane/internal/hub/
+	@echo "== run lifecycles/s, no-op agents over real websockets (goal ≥ 5,000/s)"
+	$(GO) test -run='^$$' -bench=BenchmarkLifecycles -benchtime=5000x ./controlplane/internal/hub/
+	@echo "== server memory per idle connected agent (goal heap ≤ 10 KB)"
+	$(GO) test -run='^$$' -bench=BenchmarkIdleAgentMemory -benchtime=1x ./controlplane/internal/hub/
+	@echo "== sample workflows, Session.Run vs plain chromedp in the same warm browser (goal copelf/chromedp ≤ 1.05)"
+	$(GO) test -run='^$$' -bench=BenchmarkCompareWithChromedp -benchtime=10x ./agent/internal/browser/
+	@echo "== assign → the run's first browser command, agent with a warm pool (goal p50 ≤ 20 ms)"
+	$(GO) test -run='^$$' -bench=BenchmarkAssignToFirstCommand -benchtime=50x ./agent/internal/cli/
+	@echo "== fixture runs/s through the agent with -slots 1, 2, 4 vs plain chromedp in as many tabs (stretch goal agent/plain ≥ 1.3)"
+	$(GO) test -run='^$$' -bench=BenchmarkThroughput -benchtime=12x ./agent/internal/cli/
 
 .PHONY: fuzz
 fuzz: ## run each fuzz target for FUZZTIME (default 30s)
