@@ -52,7 +52,7 @@ lint: ## gofmt, go vet and staticcheck
 	$(GO) run $(STATICCHECK) ./...
 
 .PHONY: bench
-bench: ## print run creations per second and latency over HTTP on SQLite
+bench: ## print every benchmark figure of the README (API, dispatch, agents, browser)
 	@echo "== run creations/s and POST latency over HTTP on SQLite, 1 and 32 clients (goal ≥ 2,000/s with 32)"
 	$(GO) test -run='^$$' -bench=BenchmarkRunCreateHTTP -benchtime=5000x ./controlplane/internal/app/
 	@echo "== dispatch latency, commit of a new run → assign read by an idle agent (goal p50 ≤ 1 ms, p99 ≤ 5 ms)"
