@@ -279,17 +279,28 @@ func (s *Server) ownBatch(r *http.Request, p *Principal) (*store.Batch, error) {
 	return b, nil
 }
 
-// batchSecrets returns the secret variable names of a batch's workflow.
-func (s *Server) batchSecrets(r *http.Request, b *store.Batch) []string {
+// batchSecrets returns the secret variable names of a batch's workflow. It
+// fails rather than answer without them: a batch's inputs must never be
+// shown unredacted.
+func (s *Server) batchSecrets(r *http.Request, b *store.Batch) ([]string, error) {
 	wf, err := s.store.WorkflowGet(r.Context(), b.WorkflowID)
 	if err != nil {
-		return nil
+		return nil, err
 	}
 	var def protocol.Definition
 	if err := json.Unmarshal(wf.Definition, &def); err != nil {
-		return nil
+		return nil, err
 	}
-	return secretNames(&def)
+	return secretNames(&def), nil
+}
+
+// writeBatch answers with a batch, its secret inputs redacted.
+func (s *Server) writeBatch(w http.ResponseWriter, r *http.Request, status int, b *store.Batch) error {
+	secrets, err := s.batchSecrets(r, b)
+	if err != nil {
+		return err
+	}
+	return writeJSON(w, status, viewBatch(b, secrets))
 }
 
 func (s *Server) getBatch(w http.ResponseWriter, r *http.Request) error {
@@ -301,7 +312,7 @@ func (s *Server) getBatch(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	return writeJSON(w, http.StatusOK, viewBatch(b, s.batchSecrets(r, b)))
+	return s.writeBatch(w, r, http.StatusOK, b)
 }
 
 func (s *Server) listBatches(w http.ResponseWriter, r *http.Request) error {
@@ -317,13 +328,22 @@ func (s *Server) listBatches(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	// Batches of one workflow share its secret names: look each up once.
+	secrets := map[string][]string{}
 	views := make([]batchView, len(items))
 	for i, b := range items {
 		full, err := s.store.BatchGet(r.Context(), b.ID)
 		if err != nil {
 			return err
 		}
-		views[i] = viewBatch(full, s.batchSecrets(r, full))
+		names, ok := secrets[full.WorkflowID]
+		if !ok {
+			if names, err = s.batchSecrets(r, full); err != nil {
+				return err
+			}
+			secrets[full.WorkflowID] = names
+		}
+		views[i] = viewBatch(full, names)
 	}
 	return writeJSON(w, http.StatusOK, listBody(views, next))
 }
@@ -392,7 +412,7 @@ func (s *Server) cancelBatch(w http.ResponseWriter, r *http.Request) error {
 			}
 		}
 	}
-	return writeJSON(w, http.StatusOK, viewBatch(b, s.batchSecrets(r, b)))
+	return s.writeBatch(w, r, http.StatusOK, b)
 }
 
 type resultView struct {
