@@ -47,6 +47,9 @@ type DB struct {
 	wtx            atomic.Pointer[sql.Tx]
 	// ckpt checkpoints the WAL off the writer's path (SQLite); may be nil.
 	ckpt *checkpointer
+	// group commits queued write transactions together (SQLite); nil runs
+	// each transaction alone.
+	group *groupCommitter
 	// Now is the clock; tests may replace it before use.
 	Now func() time.Time
 }
@@ -75,6 +78,9 @@ func redactDSN(dsn string) string {
 // Close stops the checkpointer and closes both pools.
 func (s *DB) Close() error {
 	var errs []error
+	if s.group != nil {
+		s.group.stop()
+	}
 	if s.ckpt != nil {
 		errs = append(errs, s.ckpt.close())
 	}
@@ -133,25 +139,40 @@ func (s *DB) q(query string) string {
 }
 
 // tx runs fn in a write transaction and commits it when fn returns nil.
+// On SQLite the transaction may share its commit with others queued at the
+// same moment (groupCommitter); fn sees the same isolation either way.
 func (s *DB) tx(ctx context.Context, fn func(*sql.Tx) error) error {
+	if s.group != nil {
+		return s.group.run(ctx, fn)
+	}
+	p, err := s.txAlone(ctx, fn)
+	if p != nil {
+		panic(p)
+	}
+	return err
+}
+
+// txAlone runs fn in a transaction of its own. A panic in fn rolls the
+// transaction back and is returned for the caller to raise again.
+func (s *DB) txAlone(ctx context.Context, fn func(*sql.Tx) error) (any, error) {
 	s.wstmts.preparePending(ctx, s.w)
 	tx, err := s.w.BeginTx(ctx, nil)
 	if err != nil {
-		return fmt.Errorf("begin: %w", err)
+		return nil, fmt.Errorf("begin: %w", err)
 	}
 	s.wtx.Store(tx)
 	defer s.wtx.CompareAndSwap(tx, nil)
-	if err := fn(tx); err != nil {
+	if p, err := call(fn, tx); err != nil || p != nil {
 		_ = tx.Rollback()
-		return err
+		return p, err
 	}
 	if err := tx.Commit(); err != nil {
-		return fmt.Errorf("commit: %w", err)
+		return nil, fmt.Errorf("commit: %w", err)
 	}
 	if s.ckpt != nil {
 		s.ckpt.committed()
 	}
-	return nil
+	return nil, nil
 }
 
 // querier is what both *sql.DB and *sql.Tx offer.

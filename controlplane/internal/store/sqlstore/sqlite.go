@@ -87,6 +87,7 @@ func openSQLite(ctx context.Context, file string) (*DB, error) {
 		db.Close()
 		return nil, err
 	}
+	db.group = newGroupCommitter(db)
 	return db, nil
 }
 
