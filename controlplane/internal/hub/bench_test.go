@@ -135,7 +135,13 @@ func BenchmarkDispatchLatency(b *testing.B) {
 //     region and calls hub.RunQueued for each, as the API does after commit.
 func BenchmarkLifecycles(b *testing.B) {
 	for _, mode := range []string{"queued", "created"} {
-		b.Run(mode, func(b *testing.B) { benchLifecycles(b, mode == "created", 8, 4) })
+		// A few agents with several slots each, and a fleet of one-slot
+		// agents (more connections writing at once: larger commit groups).
+		for _, fleet := range [][2]int{{8, 4}, {32, 1}} {
+			b.Run(fmt.Sprintf("%s/agents=%dx%d", mode, fleet[0], fleet[1]), func(b *testing.B) {
+				benchLifecycles(b, mode == "created", fleet[0], fleet[1])
+			})
+		}
 	}
 }
 
