@@ -102,6 +102,9 @@ func (s *Server) createSession(w http.ResponseWriter, r *http.Request) error {
 		}
 		return badRequest("Required fields are missing.", missing...)
 	}
+	if err := s.signIn.allow(w, r, b.Email, s.Now()); err != nil {
+		return err
+	}
 	invalid := protocol.Errorf(protocol.CodeUnauthenticated, "The email or password is wrong.").With("reason", "invalid_credentials")
 	u, err := s.store.UserGetByEmail(r.Context(), b.Email)
 	if err != nil {
@@ -123,6 +126,10 @@ func (s *Server) createSession(w http.ResponseWriter, r *http.Request) error {
 		Name: SessionCookie, Value: token, Path: "/", Expires: expires, HttpOnly: true,
 		SameSite: http.SameSiteLaxMode, Secure: s.cfg.SecureCookies || r.TLS != nil,
 	})
+	http.SetCookie(w, &http.Cookie{ // the dashboard's script reads it: not HttpOnly
+		Name: CSRFCookie, Value: CSRFToken(token), Path: "/", Expires: expires,
+		SameSite: http.SameSiteStrictMode, Secure: s.cfg.SecureCookies || r.TLS != nil,
+	})
 	return writeJSON(w, http.StatusCreated, map[string]any{"token": token, "expiresAt": expires, "user": u})
 }
 
@@ -138,6 +145,7 @@ func (s *Server) deleteSession(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	http.SetCookie(w, &http.Cookie{Name: SessionCookie, Value: "", Path: "/", MaxAge: -1, HttpOnly: true, SameSite: http.SameSiteLaxMode})
+	http.SetCookie(w, &http.Cookie{Name: CSRFCookie, Value: "", Path: "/", MaxAge: -1, SameSite: http.SameSiteStrictMode})
 	w.WriteHeader(http.StatusNoContent)
 	return nil
 }

@@ -2,6 +2,9 @@ package api
 
 import (
 	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/base64"
 	"net/http"
 	"strings"
 
@@ -25,18 +28,59 @@ func (p *Principal) AccountID() string { return p.User.AccountID() }
 // Can reports whether the principal's role is at least role.
 func (p *Principal) Can(role store.Role) bool { return p.User.Role.AtLeast(role) }
 
+// CSRFCookie holds the CSRF token of the dashboard's session. It is not
+// HttpOnly: the page reads it and sends it back in CSRFHeader.
+const CSRFCookie = "copelf_csrf"
+
+// CSRFHeader carries the CSRF token on state-changing requests made with the
+// session cookie.
+const CSRFHeader = "X-CSRF-Token"
+
+// CSRFToken is the CSRF token bound to a session token: an HMAC keyed by the
+// session token, so only who holds the session (the server; the browser's
+// script cannot read the HttpOnly cookie) can make it, and no server-side
+// state or secret is needed. It reveals nothing of the session token.
+func CSRFToken(session string) string {
+	m := hmac.New(sha256.New, []byte(session))
+	m.Write([]byte("copelf csrf v1"))
+	return base64.RawURLEncoding.EncodeToString(m.Sum(nil))
+}
+
 // tokenFrom returns the bearer token or session cookie of a request.
 func tokenFrom(r *http.Request) string {
+	tok, _ := credentials(r)
+	return tok
+}
+
+// credentials returns the request's bearer token, or else its session
+// cookie and byCookie true.
+func credentials(r *http.Request) (token string, byCookie bool) {
 	if h := r.Header.Get("Authorization"); h != "" {
 		if scheme, tok, ok := strings.Cut(h, " "); ok && strings.EqualFold(scheme, "Bearer") {
-			return strings.TrimSpace(tok)
+			return strings.TrimSpace(tok), false
 		}
-		return ""
+		return "", false
 	}
 	if c, err := r.Cookie(SessionCookie); err == nil {
-		return c.Value
+		return c.Value, true
 	}
-	return ""
+	return "", false
+}
+
+// checkCSRF refuses a state-changing request (any method but GET, HEAD and
+// OPTIONS) authenticated by the session cookie unless it carries the
+// session's CSRF token in CSRFHeader: another site can make the browser send
+// the cookie, but cannot read the token nor set the header.
+func checkCSRF(r *http.Request, session string) error {
+	switch r.Method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions:
+		return nil
+	}
+	got := r.Header.Get(CSRFHeader)
+	if got != "" && hmac.Equal([]byte(got), []byte(CSRFToken(session))) {
+		return nil
+	}
+	return protocol.Errorf(protocol.CodeForbidden, "A request made with the session cookie must carry its CSRF token in the %s header.", CSRFHeader).With("reason", "csrf")
 }
 
 // Authenticate resolves a token to its principal: unknown, revoked or
@@ -69,12 +113,18 @@ func (s *Server) auth(r *http.Request) (*Principal, error) {
 	if p, ok := r.Context().Value(principalKey).(*Principal); ok {
 		return p, nil
 	}
-	p, err := s.Authenticate(r.Context(), tokenFrom(r))
+	token, byCookie := credentials(r)
+	p, err := s.Authenticate(r.Context(), token)
 	if err != nil {
 		return nil, err
 	}
 	if k := p.Token.Kind; k != store.TokenSession && k != store.TokenAPI {
 		return nil, protocol.Errorf(protocol.CodeForbidden, "A %s token cannot use this route.", k).With("tokenKind", k)
+	}
+	if byCookie {
+		if err := checkCSRF(r, token); err != nil {
+			return nil, err
+		}
 	}
 	addLogField(r.Context(), "userId", p.User.ID)
 	*r = *r.WithContext(context.WithValue(r.Context(), principalKey, p))

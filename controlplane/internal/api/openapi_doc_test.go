@@ -324,7 +324,7 @@ func TestOpenAPITour(t *testing.T) {
 		t.Errorf("grant replay: %d %v", r.StatusCode, r.Header)
 	}
 	sess := expect(e.post("/v1/sessions", "", map[string]any{"email": email, "password": password}), http.StatusCreated)
-	cookie := map[string]string{"Cookie": api.SessionCookie + "=" + sess["token"].(string)}
+	cookie := map[string]string{"Cookie": api.SessionCookie + "=" + sess["token"].(string), api.CSRFHeader: api.CSRFToken(sess["token"].(string))}
 	me := expect(e.do(request{Method: "GET", Path: "/v1/me", Header: cookie}), http.StatusOK)
 	if me["id"] != userID {
 		t.Fatalf("me: %v", me)

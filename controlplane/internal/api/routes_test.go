@@ -121,12 +121,12 @@ func TestRoutesUsersAndSessions(t *testing.T) {
 	if rec.Code != http.StatusCreated {
 		t.Fatalf("https sign-in %d %s", rec.Code, rec.Body)
 	}
-	if c := rec.Result().Cookies(); len(c) != 1 || c[0].Name != "copelf_session" || !c[0].Secure || !c[0].HttpOnly || c[0].SameSite != http.SameSiteLaxMode {
+	if c := rec.Result().Cookies(); len(c) != 2 || c[0].Name != "copelf_session" || !c[0].Secure || !c[0].HttpOnly || c[0].SameSite != http.SameSiteLaxMode || c[1].Name != api.CSRFCookie || !c[1].Secure {
 		t.Fatalf("https cookie %q", rec.Header().Values("Set-Cookie"))
 	}
 
 	// The cookie authenticates, and so does the token as a bearer.
-	byCookie := map[string]string{"Cookie": "copelf_session=" + token}
+	byCookie := map[string]string{"Cookie": "copelf_session=" + token, api.CSRFHeader: api.CSRFToken(token)}
 	r = e.do(request{Method: "GET", Path: "/v1/me", Header: byCookie})
 	expectStatus(t, r, http.StatusOK)
 	me := r.Map(t)

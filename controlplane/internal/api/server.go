@@ -51,6 +51,11 @@ type Config struct {
 	// PublicURL is where Stripe sends customers back to (success, cancel
 	// and portal return pages); "": the scheme and host of the request.
 	PublicURL string
+
+	// SignInPerAccount and SignInPerAddress bound sign-in attempts per
+	// email and per client address (zero: DefaultSignInPerAccount,
+	// DefaultSignInPerAddress); past them POST /v1/sessions is rate_limited.
+	SignInPerAccount, SignInPerAddress RateLimit
 }
 
 // Server serves the API.
@@ -65,7 +70,8 @@ type Server struct {
 	// Agents answers questions about connected agents; may be nil.
 	Agents AgentDirectory
 
-	mux *http.ServeMux
+	mux    *http.ServeMux
+	signIn *signInLimiter
 }
 
 // Hooks lets other parts of the control plane react to changes made through
@@ -95,7 +101,8 @@ func New(st store.Store, log logrus.FieldLogger, cfg Config) *Server {
 	if cfg.MaxArtifactBytes <= 0 {
 		cfg.MaxArtifactBytes = 10 << 20
 	}
-	s := &Server{store: st, log: log, cfg: cfg, Now: time.Now, mux: http.NewServeMux()}
+	s := &Server{store: st, log: log, cfg: cfg, Now: time.Now, mux: http.NewServeMux(),
+		signIn: newSignInLimiter(cfg.SignInPerAccount, cfg.SignInPerAddress)}
 	s.routes()
 	return s
 }
