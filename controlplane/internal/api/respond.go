@@ -27,14 +27,21 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	var e *protocol.Error
 	if !errors.As(err, &e) || !e.Code.Valid() {
 		log := s.log.WithFields(logrus.Fields{"requestId": RequestID(r.Context()), "error": err.Error()})
-		if errors.Is(err, context.Canceled) && r.Context().Err() != nil {
+		e = protocol.NewError(protocol.CodeInternal)
+		switch {
+		case errors.Is(err, context.Canceled) && r.Context().Err() != nil:
 			// The client went away mid-request (an agent dropping an
 			// upload): nothing failed here, and nobody reads the answer.
 			log.Info("request abandoned by the client")
-		} else {
+		case databaseUnavailable(s.store, err):
+			// The database server is down or restarting: the request may
+			// succeed when retried, and the store reconnects by itself.
+			log.Warn("database unavailable")
+			e = protocol.Errorf(protocol.CodeInternal, "The database is unavailable; retry in a moment.").With("reason", ReasonDatabaseUnavailable)
+			w.Header().Set("Retry-After", "1")
+		default:
 			log.Error("internal error")
 		}
-		e = protocol.NewError(protocol.CodeInternal)
 	}
 	out := *e
 	out.RequestID = RequestID(r.Context())
@@ -45,6 +52,17 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 		w.Header().Set("Retry-After", "1")
 	}
 	_ = writeJSON(w, out.Code.HTTPStatus(), &out)
+}
+
+// ReasonDatabaseUnavailable is details.reason of the internal error that
+// answers a request while the database server cannot be reached.
+const ReasonDatabaseUnavailable = "database_unavailable"
+
+// databaseUnavailable reports whether the store says err means its
+// database server cannot be reached (sqlstore.DB.Unavailable).
+func databaseUnavailable(st any, err error) bool {
+	u, ok := st.(interface{ Unavailable(error) bool })
+	return ok && u.Unavailable(err)
 }
 
 // badRequest is a bad_request with details.fields.

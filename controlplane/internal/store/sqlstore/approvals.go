@@ -89,6 +89,13 @@ func (s *DB) ApprovalResolve(ctx context.Context, p store.ApprovalResolveParams)
 	}
 	var out *store.Approval
 	err := s.tx(ctx, func(tx *sql.Tx) error {
+		if s.d.forUpdate != "" {
+			// Lock the run before its approval: a run's transactions
+			// (finishing it expires its approvals) take them in that order.
+			if _, err := s.exec(ctx, tx, `SELECT id FROM runs WHERE id = (SELECT run_id FROM approvals WHERE id = ?)`+s.d.forUpdate, p.ID); err != nil {
+				return err
+			}
+		}
 		now := s.now()
 		n, err := s.exec(ctx, tx, `UPDATE approvals SET status = ?, resolved_at = ?, resolved_by = ?, comment = ? WHERE id = ? AND status = 'pending'`,
 			status, ms(now), nullString(p.By), nullString(p.Comment), p.ID)

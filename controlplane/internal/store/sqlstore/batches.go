@@ -33,6 +33,7 @@ func (s *DB) BatchCreate(ctx context.Context, p store.BatchCreateParams) (*store
 		stop = 1
 	}
 	err := s.tx(ctx, func(tx *sql.Tx) error {
+		b.Iterations = b.Iterations[:0]
 		if _, err := s.exec(ctx, tx, `INSERT INTO batches (id, account_id, workflow_id, status, concurrency, stop_on_failure, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)`,
 			b.ID, b.AccountID, b.WorkflowID, b.Status, b.Concurrency, stop, ms(b.CreatedAt)); err != nil {
 			return err
@@ -186,7 +187,7 @@ func (s *DB) BatchCancel(ctx context.Context, id string) (*store.Batch, error) {
 // cancelBatchRuns cancels a batch's queued runs and asks its running ones to
 // stop, then settles the workflow's slot.
 func (s *DB) cancelBatchRuns(ctx context.Context, tx *sql.Tx, batchID, workflowID string) error {
-	runs, err := queryAll(ctx, s, `SELECT `+runColumns+` FROM runs WHERE batch_id = ? AND status IN `+activeRunStates+` ORDER BY iteration`, []any{batchID}, scanRun, tx)
+	runs, err := queryAll(ctx, s, `SELECT `+runColumns+` FROM runs WHERE batch_id = ? AND status IN `+activeRunStates+` ORDER BY iteration`+s.d.forUpdate, []any{batchID}, scanRun, tx)
 	if err != nil {
 		return err
 	}
@@ -214,7 +215,7 @@ func (s *DB) settleBatch(ctx context.Context, tx *sql.Tx, r *store.Run) error {
 	failed := r.Status == protocol.RunFailed || r.Status == protocol.RunTimedOut
 	if failed && b.StopOnFailure && b.Status == protocol.BatchRunning {
 		// Stop the rest; the batch completes when the last run ends.
-		queued, err := queryAll(ctx, s, `SELECT `+runColumns+` FROM runs WHERE batch_id = ? AND status = 'queued' ORDER BY iteration`, []any{b.ID}, scanRun, tx)
+		queued, err := queryAll(ctx, s, `SELECT `+runColumns+` FROM runs WHERE batch_id = ? AND status = 'queued' ORDER BY iteration`+s.d.forUpdate, []any{b.ID}, scanRun, tx)
 		if err != nil {
 			return err
 		}

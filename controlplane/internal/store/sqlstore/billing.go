@@ -65,6 +65,7 @@ func (s *DB) CheckoutUpdate(ctx context.Context, p store.CheckoutUpdateParams) (
 	}
 	var out store.CheckoutResult
 	err := s.tx(ctx, func(tx *sql.Tx) error {
+		out = store.CheckoutResult{}
 		now := ms(s.now())
 		get := func() (*store.CheckoutSession, error) {
 			return scanCheckout(tx.QueryRowContext(ctx, s.q(`SELECT `+checkoutColumns+` FROM checkout_sessions WHERE id = ?`+s.d.forUpdate), p.SessionID))

@@ -102,7 +102,7 @@ func (s *DB) CouponDeactivate(ctx context.Context, code string) (*store.Coupon, 
 func (s *DB) CouponRedeem(ctx context.Context, p store.CouponRedeemParams) (*store.CouponRedemption, error) {
 	var out *store.CouponRedemption
 	err := s.tx(ctx, func(tx *sql.Tx) error {
-		c, err := scanCoupon(tx.QueryRowContext(ctx, s.q(`SELECT `+couponColumns+` FROM coupons WHERE code = ?`), coupons.Normalize(p.Code)))
+		c, err := scanCoupon(tx.QueryRowContext(ctx, s.q(`SELECT `+couponColumns+` FROM coupons WHERE code = ?`+s.d.forUpdate), coupons.Normalize(p.Code)))
 		if errors.Is(err, sql.ErrNoRows) {
 			return coupons.NotFound()
 		}

@@ -196,6 +196,6 @@ func (s *DB) LedgerList(ctx context.Context, accountID string, page store.Page) 
 
 func (s *DB) LedgerSum(ctx context.Context, accountID string) (int64, error) {
 	var sum int64
-	err := s.queryRow(ctx, s.r, `SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE account_id = ?`, accountID).Scan(&sum)
+	err := s.queryRow(ctx, s.r, `SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM ledger WHERE account_id = ?`, accountID).Scan(&sum)
 	return sum, err
 }

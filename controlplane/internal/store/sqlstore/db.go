@@ -12,7 +12,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"net/url"
 	"path"
 	"sort"
 	"strconv"
@@ -35,6 +34,16 @@ type dialect struct {
 	forUpdate string
 	// uniqueViolation reports a unique-constraint error.
 	uniqueViolation func(error) bool
+	// retry, when set, reports an error after which a transaction (or a
+	// statement outside one) is run again from the start: the database
+	// aborted it (deadlock, serialization failure) and nothing of it took
+	// effect. Transactions then run concurrently (retryTx).
+	retry func(error) bool
+	// unavailable reports an error that says the server cannot be reached.
+	unavailable func(error) bool
+	// driverCache: the driver prepares and caches statements itself, so
+	// the store's statement cache is off.
+	driverCache bool
 }
 
 // DB is a store.Store on a SQL database.
@@ -57,22 +66,18 @@ type DB struct {
 var _ store.Store = (*DB)(nil)
 
 // Open opens the database named by a URL: sqlite://path/to/file.db (relative
-// or, with three slashes, absolute). It applies pending migrations.
+// or, with three slashes, absolute), or postgres://user@host:port/db?… (also
+// postgresql://; pgx's parameters, plus pool_max_conns). It applies pending
+// migrations.
 func Open(ctx context.Context, dsn string) (*DB, error) {
 	switch {
 	case strings.HasPrefix(dsn, "sqlite://"):
 		return openSQLite(ctx, strings.TrimPrefix(dsn, "sqlite://"))
+	case strings.HasPrefix(dsn, "postgres://"), strings.HasPrefix(dsn, "postgresql://"):
+		return openPostgres(ctx, dsn)
 	default:
-		return nil, fmt.Errorf("unsupported database URL %q (want sqlite://…)", redactDSN(dsn))
+		return nil, fmt.Errorf("unsupported database URL %q (want sqlite://… or postgres://…)", safeDSN(dsn))
 	}
-}
-
-func redactDSN(dsn string) string {
-	if u, err := url.Parse(dsn); err == nil && u.User != nil {
-		u.User = url.User(u.User.Username())
-		return u.String()
-	}
-	return dsn
 }
 
 // Close stops the checkpointer and closes both pools.
@@ -91,6 +96,13 @@ func (s *DB) Close() error {
 func (s *DB) now() time.Time { return s.Now().UTC().Truncate(time.Millisecond) }
 
 func (s *DB) migrate(ctx context.Context) error {
+	if s.d.name == postgresDialect.name {
+		unlock, err := s.migrationLock(ctx)
+		if err != nil {
+			return err
+		}
+		defer unlock()
+	}
 	if _, err := s.w.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL)`); err != nil {
 		return fmt.Errorf("migrations table: %w", err)
 	}
@@ -145,6 +157,9 @@ func (s *DB) tx(ctx context.Context, fn func(*sql.Tx) error) error {
 	if s.group != nil {
 		return s.group.run(ctx, fn)
 	}
+	if s.d.retry != nil {
+		return s.retryTx(ctx, fn) // PostgreSQL: concurrent transactions
+	}
 	p, err := s.txAlone(ctx, fn)
 	if p != nil {
 		panic(p)
@@ -188,6 +203,8 @@ func (s *DB) exec(ctx context.Context, q querier, query string, args ...any) (in
 	var err error
 	if st := s.stmt(ctx, q, query); st != nil {
 		res, err = st.ExecContext(ctx, args...)
+	} else if db, ok := q.(*sql.DB); ok && s.d.retry != nil {
+		res, err = s.execRetry(ctx, func() (sql.Result, error) { return db.ExecContext(ctx, query, args...) })
 	} else {
 		res, err = q.ExecContext(ctx, query, args...)
 	}

@@ -82,6 +82,14 @@ func (s *DB) RunAssign(ctx context.Context, claims []store.RunAssignParams) ([]*
 		out = out[:0]
 		now := ms(s.now())
 		for _, c := range claims {
+			if s.d.forUpdate != "" {
+				// Where transactions run concurrently, the claims of one
+				// batch's runs take turns on the batch's row, so that each
+				// counts the others' against the batch's concurrency.
+				if _, err := s.exec(ctx, tx, `SELECT id FROM batches WHERE id = (SELECT batch_id FROM runs WHERE id = ?)`+s.d.forUpdate, c.RunID); err != nil {
+					return err
+				}
+			}
 			n, err := s.exec(ctx, tx, `UPDATE runs SET lease_id = ?, agent_id = ?, lease_expires_at = ?, assigned_at = ?, attempt = attempt + 1
 				WHERE id = ? AND status = 'queued' AND lease_id IS NULL AND `+batchHasRoomFor("runs"),
 				c.LeaseID, c.AgentID, ms(c.LeaseExpires), now, c.RunID)
@@ -169,6 +177,7 @@ func (s *DB) RunLeasesExtend(ctx context.Context, until time.Time) error {
 func (s *DB) RunEventApply(ctx context.Context, p store.RunEventParams) (*store.RunEventResult, error) {
 	res := &store.RunEventResult{}
 	err := s.tx(ctx, func(tx *sql.Tx) error {
+		*res = store.RunEventResult{}
 		r, err := s.getRunTx(ctx, tx, p.RunID)
 		if err != nil {
 			return err

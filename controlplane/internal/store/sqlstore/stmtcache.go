@@ -112,6 +112,9 @@ func (c *stmtCache) close() error {
 // unprepared. q is the read pool, the writer pool, or the write transaction
 // in progress (s.tx); any other transaction runs unprepared.
 func (s *DB) stmt(ctx context.Context, q querier, query string) *sql.Stmt {
+	if s.d.driverCache {
+		return nil
+	}
 	switch q := q.(type) {
 	case *sql.Tx:
 		if q != s.wtx.Load() {
