@@ -94,7 +94,45 @@ type Workflow struct {
 	CreatedAt     time.Time  `json:"createdAt"`
 	UpdatedAt     time.Time  `json:"updatedAt"`
 	DeletedAt     *time.Time `json:"-"`
+	// Video is the recording the workflow was made from; nil for a
+	// workflow created from a definition.
+	Video *WorkflowVideo `json:"video,omitempty"`
+	// Analysis is the latest analysis of the video; nil when none ran.
+	Analysis *WorkflowAnalysis `json:"analysis,omitempty"`
 }
+
+// WorkflowVideo is a workflow's recording, kept in the video store.
+type WorkflowVideo struct {
+	Key        string `json:"-"` // the video store's key
+	SizeBytes  int64  `json:"sizeBytes"`
+	DurationMs int64  `json:"durationMs"`
+	Container  string `json:"container"` // mp4, mov, webm, matroska
+}
+
+// WorkflowAnalysis is where the analysis of a workflow's video stands. It
+// starts when the video is uploaded (status analyzing), may be claimed by
+// one analyzer at a time, and finishes with a definition (ready) or an
+// error (analysis_failed), posted by the claimant or set by the analysis
+// timeout (error code "timeout").
+type WorkflowAnalysis struct {
+	StartedAt  time.Time      `json:"startedAt"`
+	FinishedAt *time.Time     `json:"finishedAt,omitempty"`
+	Error      *AnalysisError `json:"error,omitempty"`
+	// ClaimID names the current claim; ClaimedBy is the claimant's token.
+	ClaimID   string     `json:"-"`
+	ClaimedBy string     `json:"-"`
+	ClaimedAt *time.Time `json:"-"`
+}
+
+// AnalysisError is why an analysis failed.
+type AnalysisError struct {
+	Code    string `json:"code"`
+	Message string `json:"message"`
+}
+
+// AnalysisTimeoutCode is the error code of an analysis that ran past the
+// analysis timeout.
+const AnalysisTimeoutCode = "timeout"
 
 // StepRecord is the progress of one step of a run.
 type StepRecord struct {
@@ -323,6 +361,28 @@ type (
 		Name       string
 		Status     protocol.WorkflowStatus
 		Definition json.RawMessage
+		// Video is the recording of an analyzing workflow; its analysis
+		// starts at creation.
+		Video *WorkflowVideo
+	}
+	// WorkflowVideoParams gives a workflow a new video.
+	WorkflowVideoParams struct {
+		ID    string
+		Video WorkflowVideo
+	}
+	WorkflowAnalysisClaimParams struct {
+		ID      string
+		ClaimID string // new, unique
+		By      string // the claimant's token id
+	}
+	// WorkflowAnalysisFinishParams ends an analysis with a definition or an
+	// error. The claim is named by ClaimID, or else by the claimant (By).
+	WorkflowAnalysisFinishParams struct {
+		ID         string
+		ClaimID    string
+		By         string
+		Definition json.RawMessage
+		Error      *AnalysisError
 	}
 	WorkflowUpdateParams struct {
 		ID         string
@@ -478,6 +538,28 @@ type Store interface {
 	// while approvals are pending or a run or batch is active.
 	WorkflowUpdate(ctx context.Context, p WorkflowUpdateParams) (*Workflow, error)
 	WorkflowDelete(ctx context.Context, id string) error
+
+	// Recorded workflows (API.md §4). WorkflowAnalysisWaiting lists the
+	// live workflows that are analyzing and unclaimed, oldest analysis
+	// first.
+	WorkflowAnalysisWaiting(ctx context.Context, page Page) ([]*Workflow, string, error)
+	// WorkflowAnalysisClaim claims an analyzing, unclaimed workflow for one
+	// analyzer, once: a claimed one is conflict (details.reason
+	// "already_claimed"), one in another state conflict (details.status).
+	WorkflowAnalysisClaim(ctx context.Context, p WorkflowAnalysisClaimParams) (*Workflow, error)
+	// WorkflowAnalysisFinish ends the current claim's analysis: a
+	// definition makes the workflow ready, an error analysis_failed. A
+	// workflow no longer analyzing, or claimed by another claim, is conflict.
+	WorkflowAnalysisFinish(ctx context.Context, p WorkflowAnalysisFinishParams) (*Workflow, error)
+	// WorkflowAnalysisExpire fails every live workflow still analyzing an
+	// analysis started at or before startedBefore, with error code
+	// "timeout", and returns their ids. Safe to run from several places.
+	WorkflowAnalysisExpire(ctx context.Context, startedBefore time.Time) ([]string, error)
+	// WorkflowVideoReplace gives a ready or analysis_failed workflow a new
+	// video and restarts its analysis; it returns the workflow and the key
+	// of the video it replaced ("" when none). An analyzing workflow is
+	// conflict (details.status); active requests refuse as WorkflowUpdate.
+	WorkflowVideoReplace(ctx context.Context, p WorkflowVideoParams) (*Workflow, string, error)
 
 	// RunCreate takes the workflow's active slot (workflow_already_running),
 	// holds the cost (insufficient_credits) and queues the run, atomically.

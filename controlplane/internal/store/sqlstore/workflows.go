@@ -4,20 +4,27 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
+	"fmt"
 
 	"github.com/copelf/copelf/controlplane/internal/ids"
 	"github.com/copelf/copelf/controlplane/internal/store"
 	"github.com/copelf/copelf/protocol"
 )
 
-const workflowColumns = `id, account_id, name, status, definition, active_run_id, active_batch_id, created_at, updated_at, deleted_at`
+const workflowColumns = `id, account_id, name, status, definition, active_run_id, active_batch_id, created_at, updated_at, deleted_at,
+	video_key, video_size, video_duration_ms, video_container,
+	analysis_started_at, analysis_finished_at, analysis_error, analysis_claim_id, analysis_claimed_by, analysis_claimed_at`
 
 func scanWorkflow(row interface{ Scan(...any) error }) (*store.Workflow, error) {
 	var w store.Workflow
 	var def, activeRun, activeBatch sql.NullString
 	var created, updated int64
 	var deleted sql.NullInt64
-	if err := row.Scan(&w.ID, &w.AccountID, &w.Name, &w.Status, &def, &activeRun, &activeBatch, &created, &updated, &deleted); err != nil {
+	var videoKey, videoContainer, analysisErr, claimID, claimedBy sql.NullString
+	var videoSize, videoDuration, started, finished, claimedAt sql.NullInt64
+	if err := row.Scan(&w.ID, &w.AccountID, &w.Name, &w.Status, &def, &activeRun, &activeBatch, &created, &updated, &deleted,
+		&videoKey, &videoSize, &videoDuration, &videoContainer,
+		&started, &finished, &analysisErr, &claimID, &claimedBy, &claimedAt); err != nil {
 		return nil, err
 	}
 	if def.Valid {
@@ -25,14 +32,41 @@ func scanWorkflow(row interface{ Scan(...any) error }) (*store.Workflow, error) 
 	}
 	w.ActiveRunID, w.ActiveBatchID = activeRun.String, activeBatch.String
 	w.CreatedAt, w.UpdatedAt, w.DeletedAt = fromMs(created), fromMs(updated), fromNullMs(deleted)
+	if videoKey.Valid {
+		w.Video = &store.WorkflowVideo{Key: videoKey.String, SizeBytes: videoSize.Int64, DurationMs: videoDuration.Int64, Container: videoContainer.String}
+	}
+	if started.Valid {
+		a := &store.WorkflowAnalysis{StartedAt: fromMs(started.Int64), FinishedAt: fromNullMs(finished),
+			ClaimID: claimID.String, ClaimedBy: claimedBy.String, ClaimedAt: fromNullMs(claimedAt)}
+		if analysisErr.Valid {
+			a.Error = &store.AnalysisError{}
+			if err := json.Unmarshal([]byte(analysisErr.String), a.Error); err != nil {
+				return nil, fmt.Errorf("workflow %s: analysis error: %w", w.ID, err)
+			}
+		}
+		w.Analysis = a
+	}
 	return &w, nil
 }
 
+// WorkflowCreate creates a workflow; an analyzing one starts its analysis now.
 func (s *DB) WorkflowCreate(ctx context.Context, p store.WorkflowCreateParams) (*store.Workflow, error) {
 	now := s.now()
 	w := &store.Workflow{ID: ids.New(ids.Workflow), AccountID: p.AccountID, Name: p.Name, Status: p.Status, Definition: p.Definition, CreatedAt: now, UpdatedAt: now}
-	_, err := s.exec(ctx, s.w, `INSERT INTO workflows (id, account_id, name, status, definition, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)`,
-		w.ID, w.AccountID, w.Name, w.Status, nullString(string(w.Definition)), ms(now), ms(now))
+	var started any
+	if p.Status == protocol.WorkflowAnalyzing {
+		w.Analysis, started = &store.WorkflowAnalysis{StartedAt: now}, ms(now)
+	}
+	var key, size, duration, container any
+	if p.Video != nil {
+		v := *p.Video
+		w.Video = &v
+		key, size, duration, container = v.Key, v.SizeBytes, v.DurationMs, v.Container
+	}
+	_, err := s.exec(ctx, s.w, `INSERT INTO workflows (id, account_id, name, status, definition, created_at, updated_at,
+		video_key, video_size, video_duration_ms, video_container, analysis_started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		w.ID, w.AccountID, w.Name, w.Status, nullString(string(w.Definition)), ms(now), ms(now),
+		key, size, duration, container, started)
 	if err != nil {
 		return nil, err
 	}
@@ -101,13 +135,22 @@ func (s *DB) WorkflowUpdate(ctx context.Context, p store.WorkflowUpdateParams) (
 		if p.Name != nil {
 			w.Name = *p.Name
 		}
+		w.UpdatedAt = s.now()
 		if p.Definition != nil {
+			if w.Status == protocol.WorkflowAnalyzing && w.Analysis != nil {
+				// The owner's definition ends the analysis in progress.
+				finished := w.UpdatedAt
+				w.Analysis.FinishedAt = &finished
+			}
 			w.Definition = p.Definition
 			w.Status = protocol.WorkflowReady
 		}
-		w.UpdatedAt = s.now()
-		_, err = s.exec(ctx, tx, `UPDATE workflows SET name = ?, definition = ?, status = ?, updated_at = ? WHERE id = ?`,
-			w.Name, nullString(string(w.Definition)), w.Status, ms(w.UpdatedAt), w.ID)
+		var finished any
+		if w.Analysis != nil {
+			finished = msPtr(w.Analysis.FinishedAt)
+		}
+		_, err = s.exec(ctx, tx, `UPDATE workflows SET name = ?, definition = ?, status = ?, updated_at = ?, analysis_finished_at = ? WHERE id = ?`,
+			w.Name, nullString(string(w.Definition)), w.Status, ms(w.UpdatedAt), finished, w.ID)
 		out = w
 		return err
 	})

@@ -57,6 +57,8 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"Idempotency", testIdempotency},
 		{"Races", testRaces},
 		{"Money", testMoney},
+		{"Analysis", testAnalysis},
+		{"AnalysisRaces", testAnalysisRaces},
 	} {
 		t.Run(g.name, func(t *testing.T) {
 			t.Parallel()
