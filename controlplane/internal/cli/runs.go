@@ -6,47 +6,15 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
-	"sort"
+	"net/url"
+	"strconv"
 	"strings"
-	"text/tabwriter"
 	"time"
 
 	"github.com/peterbourgon/ff/v3/ffcli"
 
 	"github.com/copelf/copelf/protocol"
 )
-
-// RunView is a run as the API shows it (the fields the CLI uses).
-type RunView struct {
-	ID         string             `json:"id"`
-	WorkflowID string             `json:"workflowId"`
-	Status     protocol.RunStatus `json:"status"`
-	Inputs     map[string]any     `json:"inputs"`
-	Outputs    map[string]any     `json:"outputs"`
-	Error      *protocol.Error    `json:"error"`
-	AgentID    string             `json:"agentId"`
-	Attempt    int                `json:"attempt"`
-	Steps      []struct {
-		Index      int             `json:"index"`
-		Type       string          `json:"type"`
-		Status     string          `json:"status"`
-		DurationMs *int64          `json:"durationMs"`
-		Attempts   int             `json:"attempts"`
-		Error      *protocol.Error `json:"error"`
-	} `json:"steps"`
-	Queue *struct {
-		Reason string    `json:"reason"`
-		Since  time.Time `json:"since"`
-	} `json:"queue"`
-	Cost struct {
-		Reserved int64 `json:"reserved"`
-		Charged  int64 `json:"charged"`
-	} `json:"cost"`
-	QueuedAt   time.Time  `json:"queuedAt"`
-	StartedAt  *time.Time `json:"startedAt"`
-	FinishedAt *time.Time `json:"finishedAt"`
-}
 
 // inputsFlag collects -input name=value; values that parse as JSON numbers
 // or booleans are sent typed, anything else as a string.
@@ -71,152 +39,273 @@ func (f inputsFlag) Set(s string) error {
 	return nil
 }
 
-func (a *app) runsCommand() *ffcli.Command {
+// group is a command whose subcommands do the work.
+func group(name, shortUsage, shortHelp string, subs ...*ffcli.Command) *ffcli.Command {
 	return &ffcli.Command{
-		Name:       "runs",
-		ShortUsage: "copelf runs <create|get|watch> …",
-		ShortHelp:  "create, show and follow runs",
-		Subcommands: []*ffcli.Command{
-			a.runsCreate(),
-			{
-				Name: "get", ShortUsage: "copelf runs get <runId>", ShortHelp: "show a run",
-				Exec: func(ctx context.Context, args []string) error {
-					if len(args) != 1 {
-						return flag.ErrHelp
-					}
-					var r RunView
-					if err := a.client.Do(ctx, "GET", "/v1/runs/"+args[0], nil, &r); err != nil {
-						return err
-					}
-					return a.printRun(&r)
-				},
-			},
-			{
-				Name: "watch", ShortUsage: "copelf runs watch <runId>", ShortHelp: "follow a run until it ends; the exit status says how it ended",
-				Exec: func(ctx context.Context, args []string) error {
-					if len(args) != 1 {
-						return flag.ErrHelp
-					}
-					r, err := a.watch(ctx, args[0])
-					if err != nil {
-						return err
-					}
-					if err := a.printRun(r); err != nil {
-						return err
-					}
-					return runOutcome(r)
-				},
-			},
-		},
-		Exec: func(context.Context, []string) error { return flag.ErrHelp },
-	}
-}
-
-func (a *app) runsCreate() *ffcli.Command {
-	fs := flag.NewFlagSet("copelf runs create", flag.ContinueOnError)
-	inputs := inputsFlag{}
-	fs.Var(inputs, "input", "an input as name=value (repeatable)")
-	wait := fs.Bool("wait", false, "follow the run until it ends")
-	return &ffcli.Command{
-		Name: "create", ShortUsage: "copelf runs create [-input name=value …] [-wait] <workflowId>", ShortHelp: "queue a run of a workflow",
-		FlagSet: fs,
-		Exec: func(ctx context.Context, args []string) error {
-			if len(args) != 1 {
-				return flag.ErrHelp
+		Name: name, ShortUsage: shortUsage, ShortHelp: shortHelp, Subcommands: subs,
+		Exec: func(_ context.Context, args []string) error {
+			if len(args) > 0 {
+				return usagef("unknown command %q for copelf %s", args[0], name)
 			}
-			var r RunView
-			if err := a.client.Do(ctx, "POST", "/v1/workflows/"+args[0]+"/runs", map[string]any{"inputs": map[string]any(inputs)}, &r); err != nil {
-				return err
-			}
-			if !*wait {
-				return a.printRun(&r)
-			}
-			if a.output != "json" {
-				fmt.Fprintf(a.stdout, "queued %s\n", r.ID)
-			}
-			done, err := a.watch(ctx, r.ID)
-			if err != nil {
-				return err
-			}
-			if err := a.printRun(done); err != nil {
-				return err
-			}
-			return runOutcome(done)
+			return flag.ErrHelp
 		},
 	}
 }
 
-// errRunDidNotSucceed makes the exit status non-zero.
-type errRunDidNotSucceed struct{ status protocol.RunStatus }
+// listFlags are -limit and -cursor of list commands.
+type listFlags struct {
+	limit  int
+	cursor string
+}
 
-func (e errRunDidNotSucceed) Error() string { return "run ended " + string(e.status) }
+func (l *listFlags) register(fs *flag.FlagSet) {
+	fs.IntVar(&l.limit, "limit", 50, "items per page (1–500)")
+	fs.StringVar(&l.cursor, "cursor", "", "the page after this cursor (a list's nextCursor)")
+}
 
-func runOutcome(r *RunView) error {
-	if r.Status != protocol.RunSucceeded {
-		return errRunDidNotSucceed{r.Status}
+func (l *listFlags) query(q url.Values) string {
+	if l.limit != 50 {
+		q.Set("limit", strconv.Itoa(l.limit))
+	}
+	if l.cursor != "" {
+		q.Set("cursor", l.cursor)
+	}
+	if len(q) == 0 {
+		return ""
+	}
+	return "?" + q.Encode()
+}
+
+// more tells a table reader how to get the next page.
+func (a *app) more(next *string, command string) {
+	if next != nil && *next != "" {
+		fmt.Fprintf(a.stderr, "more: %s -cursor %s\n", command, *next)
+	}
+}
+
+// printRaw prints an API answer as it came.
+func (a *app) printRaw(raw json.RawMessage) error {
+	if _, err := a.stdout.Write(raw); err != nil {
+		return err
+	}
+	if len(raw) == 0 || raw[len(raw)-1] != '\n' {
+		_, err := a.stdout.Write([]byte{'\n'})
+		return err
 	}
 	return nil
 }
 
-// watch follows a run until it is terminal, printing step progress.
-func (a *app) watch(ctx context.Context, id string) (*RunView, error) {
-	seen := map[int]string{}
-	status := protocol.RunStatus("")
-	tick := time.NewTicker(a.poll)
-	defer tick.Stop()
-	for {
-		var r RunView
-		if err := a.client.Do(ctx, "GET", "/v1/runs/"+id, nil, &r); err != nil {
-			return nil, err
-		}
-		if a.output != "json" {
-			if r.Status != status {
-				line := string(r.Status)
-				if r.Queue != nil {
-					line += " (" + r.Queue.Reason + ")"
+func (a *app) runsCommand() *ffcli.Command {
+	var ls listFlags
+	var lsWorkflow, lsBatch, lsStatus, lsAccount string
+	return group("runs", "copelf runs <ls|get|create|cancel|watch> …", "list, create, show, cancel and follow runs",
+		a.leaf("runs ls", "copelf runs ls [-status S] [-workflow ID] [-batch ID] [-account ID] [-limit N] [-cursor C]",
+			"list runs, newest first (members: their own; operators: every account's)", 0,
+			func(fs *flag.FlagSet) {
+				fs.StringVar(&lsStatus, "status", "", "only runs in this state: queued, running, awaiting_approval, succeeded, failed, timed_out, cancelled")
+				fs.StringVar(&lsWorkflow, "workflow", "", "only runs of this workflow")
+				fs.StringVar(&lsBatch, "batch", "", "only runs of this batch")
+				fs.StringVar(&lsAccount, "account", "", "only runs of this account (operators)")
+				ls.register(fs)
+			},
+			func(ctx context.Context, _ []string) error {
+				q := url.Values{}
+				for k, v := range map[string]string{"status": lsStatus, "workflowId": lsWorkflow, "batchId": lsBatch, "accountId": lsAccount} {
+					if v != "" {
+						q.Set(k, v)
+					}
 				}
-				fmt.Fprintf(a.stdout, "  %-18s %s\n", "run", line)
-				status = r.Status
-			}
-			for _, st := range r.Steps {
-				if seen[st.Index] != st.Status && st.Status != "pending" {
-					seen[st.Index] = st.Status
-					fmt.Fprintf(a.stdout, "  step %-2d %-9s %s%s\n", st.Index, st.Type, st.Status, durationSuffix(st.DurationMs))
+				var p page[RunView]
+				raw, err := a.client.Do(ctx, "GET", "/v1/runs"+ls.query(q), nil, &p)
+				if err != nil {
+					return err
 				}
-			}
-		}
-		if r.Status.Terminal() {
-			return &r, nil
-		}
-		select {
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-tick.C:
-		}
-	}
+				if a.json() {
+					return a.printRaw(raw)
+				}
+				a.printRuns(p.Items)
+				a.more(p.NextCursor, "copelf runs ls")
+				return nil
+			}),
+		a.leaf("runs get", "copelf runs get <runId>", "show a run with its steps and outputs", 1, nil,
+			func(ctx context.Context, args []string) error {
+				var r RunView
+				raw, err := a.client.Do(ctx, "GET", "/v1/runs/"+url.PathEscape(args[0]), nil, &r)
+				if err != nil {
+					return err
+				}
+				if a.json() {
+					return a.printRaw(raw)
+				}
+				a.printRun(&r)
+				return nil
+			}),
+		a.runsCreate(),
+		a.leaf("runs cancel", "copelf runs cancel <runId>",
+			"cancel a run: a queued run at once, a running one when its agent stops it", 1, nil,
+			func(ctx context.Context, args []string) error {
+				var r RunView
+				raw, err := a.client.Do(ctx, "POST", "/v1/runs/"+url.PathEscape(args[0])+"/cancel", nil, &r)
+				if err != nil {
+					return err
+				}
+				if a.json() {
+					return a.printRaw(raw)
+				}
+				if r.Status.Terminal() {
+					fmt.Fprintf(a.stdout, "%s %s\n", r.ID, r.Status)
+				} else {
+					fmt.Fprintf(a.stdout, "%s %s, cancel requested: its agent stops it (copelf runs watch %s)\n", r.ID, r.Status, r.ID)
+				}
+				return nil
+			}),
+		a.leaf("runs watch", "copelf runs watch <runId>",
+			"follow a run's progress until it ends; the exit status says how it ended", 1, nil,
+			func(ctx context.Context, args []string) error {
+				return a.watchAndReport(ctx, args[0])
+			}),
+	)
 }
 
-func durationSuffix(ms *int64) string {
-	if ms == nil {
-		return ""
-	}
-	return fmt.Sprintf(" (%d ms)", *ms)
+func (a *app) runsCreate() *ffcli.Command {
+	inputs := inputsFlag{}
+	var wait bool
+	return a.leaf("runs create", "copelf runs create [-input name=value …] [-wait] <workflowId>", "queue a run of a workflow", 1,
+		func(fs *flag.FlagSet) {
+			fs.Var(inputs, "input", "an input as name=value (repeatable)")
+			fs.BoolVar(&wait, "wait", false, "follow the run until it ends (exit status as for runs watch)")
+		},
+		func(ctx context.Context, args []string) error {
+			var r RunView
+			raw, err := a.client.Do(ctx, "POST", "/v1/workflows/"+url.PathEscape(args[0])+"/runs", map[string]any{"inputs": map[string]any(inputs)}, &r)
+			if err != nil {
+				return err
+			}
+			if !wait {
+				if a.json() {
+					return a.printRaw(raw)
+				}
+				a.printRun(&r)
+				return nil
+			}
+			if !a.json() {
+				fmt.Fprintf(a.stdout, "queued %s\n", r.ID)
+			}
+			return a.watchAndReport(ctx, r.ID)
+		})
 }
 
-// printRun shows a run as a table (or JSON with -o json).
-func (a *app) printRun(r *RunView) error {
-	if a.output == "json" {
-		enc := json.NewEncoder(a.stdout)
-		enc.SetIndent("", "  ")
-		return enc.Encode(r)
+// watchAndReport follows a run to its end, prints it, and turns how it
+// ended into the exit status.
+func (a *app) watchAndReport(ctx context.Context, id string) error {
+	r, raw, err := a.watchRun(ctx, id)
+	if err != nil {
+		return err
 	}
-	w := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
+	if a.json() {
+		if err := a.printRaw(raw); err != nil {
+			return err
+		}
+	} else {
+		fmt.Fprintln(a.stdout)
+		a.printRun(r)
+	}
+	return runOutcome(r)
+}
+
+// runOutcome maps a finished run to the exit status.
+func runOutcome(r *RunView) error {
+	switch r.Status {
+	case protocol.RunSucceeded:
+		return nil
+	case protocol.RunCancelled:
+		return exitError{ExitCancelled, "run cancelled"}
+	case protocol.RunTimedOut:
+		return exitError{ExitTimedOut, "run timed out"}
+	}
+	return exitError{ExitFailed, "run " + string(r.Status)}
+}
+
+// printRuns shows runs as a table; ACCOUNT appears when they belong to
+// more than one account (an operator's view).
+func (a *app) printRuns(runs []RunView) {
+	if len(runs) == 0 {
+		fmt.Fprintln(a.stdout, "no runs")
+		return
+	}
+	accounts := map[string]bool{}
+	for _, r := range runs {
+		accounts[r.AccountID] = true
+	}
+	multi := len(accounts) > 1
+	now := a.now()
+	w := newTable(a.stdout)
+	if multi {
+		fmt.Fprint(w, "ACCOUNT\t")
+	}
+	fmt.Fprintln(w, "RUN\tWORKFLOW\tSTATUS\tSTEPS\tQUEUED\tTOOK\tDETAIL")
+	for _, r := range runs {
+		if multi {
+			fmt.Fprintf(w, "%s\t", r.AccountID)
+		}
+		took := "-"
+		if r.StartedAt != nil {
+			end := now
+			if r.FinishedAt != nil {
+				end = *r.FinishedAt
+			}
+			took = short(end.Sub(*r.StartedAt))
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%d/%d\t%s\t%s\t%s\n", r.ID, r.WorkflowID, r.Status, r.stepsDone(), len(r.Steps),
+			ago(now, r.QueuedAt), took, dash(runDetail(&r)))
+	}
+	w.Flush()
+}
+
+// runDetail is why a run waits or how it failed.
+func runDetail(r *RunView) string {
+	var parts []string
+	if r.Queue != nil {
+		parts = append(parts, r.Queue.Reason)
+	}
+	if r.CancelRequested {
+		parts = append(parts, "cancel requested")
+	}
+	if r.Error != nil {
+		s := string(r.Error.Code)
+		if reason, _ := r.Error.Details["reason"].(string); reason != "" {
+			s += " " + reason
+		}
+		parts = append(parts, s)
+	}
+	if r.BatchID != "" && r.Iteration != nil {
+		parts = append(parts, fmt.Sprintf("%s #%d", r.BatchID, *r.Iteration))
+	}
+	return strings.Join(parts, "; ")
+}
+
+// printRun shows one run.
+func (a *app) printRun(r *RunView) {
+	now := a.now()
+	w := newTable(a.stdout)
 	fmt.Fprintf(w, "run\t%s\n", r.ID)
 	fmt.Fprintf(w, "workflow\t%s\n", r.WorkflowID)
-	fmt.Fprintf(w, "status\t%s\n", r.Status)
-	if r.Queue != nil {
-		fmt.Fprintf(w, "queued because\t%s (since %s)\n", r.Queue.Reason, r.Queue.Since.Format(time.RFC3339))
+	if r.BatchID != "" {
+		it := ""
+		if r.Iteration != nil {
+			it = fmt.Sprintf(" iteration %d", *r.Iteration)
+		}
+		fmt.Fprintf(w, "batch\t%s%s\n", r.BatchID, it)
 	}
+	status := string(r.Status)
+	if r.CancelRequested {
+		status += " (cancel requested)"
+	}
+	fmt.Fprintf(w, "status\t%s\n", status)
+	if r.Queue != nil {
+		fmt.Fprintf(w, "queued because\t%s (for %s)\n", r.Queue.Reason, short(now.Sub(r.Queue.Since)))
+	}
+	fmt.Fprintf(w, "queued\t%s (%s)\n", r.QueuedAt.Format(time.RFC3339), ago(now, r.QueuedAt))
 	if r.AgentID != "" {
 		fmt.Fprintf(w, "agent\t%s (attempt %d)\n", r.AgentID, r.Attempt)
 	}
@@ -228,20 +317,19 @@ func (a *app) printRun(r *RunView) error {
 	}
 	fmt.Fprintf(w, "cost\treserved %d, charged %d\n", r.Cost.Reserved, r.Cost.Charged)
 	if r.Error != nil {
-		reason, _ := r.Error.Details["reason"].(string)
-		fmt.Fprintf(w, "error\t%s %s: %s\n", r.Error.Code, reason, r.Error.Message)
+		fmt.Fprintf(w, "error\t%s\n", errorText(r.Error))
 	}
 	w.Flush()
+	if len(r.Inputs) > 0 {
+		fmt.Fprintln(a.stdout, "\ninputs")
+		printMap(a.stdout, r.Inputs)
+	}
 	if len(r.Steps) > 0 {
 		fmt.Fprintln(a.stdout, "\nsteps")
-		w = tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(w, "  #\ttype\tstatus\tduration\tattempts")
+		w = newTable(a.stdout)
+		fmt.Fprintln(w, "  #\tTYPE\tSTATUS\tDURATION\tATTEMPTS\tERROR")
 		for _, st := range r.Steps {
-			d := "-"
-			if st.DurationMs != nil {
-				d = fmt.Sprintf("%d ms", *st.DurationMs)
-			}
-			fmt.Fprintf(w, "  %d\t%s\t%s\t%s\t%d\n", st.Index, st.Type, st.Status, d, st.Attempts)
+			fmt.Fprintf(w, "  %d\t%s\t%s\t%s\t%d\t%s\n", st.Index, st.Type, st.Status, ms(st.DurationMs), st.Attempts, dash(errorText(st.Error)))
 		}
 		w.Flush()
 	}
@@ -249,19 +337,4 @@ func (a *app) printRun(r *RunView) error {
 		fmt.Fprintln(a.stdout, "\noutputs")
 		printMap(a.stdout, r.Outputs)
 	}
-	return nil
-}
-
-func printMap(out io.Writer, m map[string]any) {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-	for _, k := range keys {
-		v, _ := json.Marshal(m[k])
-		fmt.Fprintf(w, "  %s\t%s\n", k, v)
-	}
-	w.Flush()
 }
