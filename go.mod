@@ -3,6 +3,8 @@ module github.com/copelf/copelf
 go 1.26.8
 
 require (
+	github.com/abema/go-mp4 v1.4.1
+	github.com/at-wat/ebml-go v0.19.4
 	github.com/cenkalti/backoff/v4 v4.3.0
 	github.com/chromedp/cdproto v0.159.0
 	github.com/chromedp/chromedp v0.23.0
