@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"runtime/debug"
+	"strings"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -115,6 +116,9 @@ func (s *Server) middleware(next http.Handler) http.Handler {
 			} else {
 				entry.Info("request")
 			}
+			// By the mux pattern that served the request: never a raw path.
+			stream := sw.status == http.StatusSwitchingProtocols || strings.HasPrefix(sw.Header().Get("Content-Type"), "text/event-stream")
+			s.metrics.HTTPRequest(r.Method, r.Pattern, sw.status, time.Since(start), stream)
 		}()
 		next.ServeHTTP(sw, r)
 	})

@@ -430,6 +430,9 @@ func TestOpenAPITour(t *testing.T) {
 	// Coupons and billing (stripe-mock; skipped with how to install it when missing).
 	tourMoney(t)
 
+	// Live events, the queue and metrics (live_test.go).
+	tourLive(t)
+
 	// Every documented success response has been seen.
 	doc, _ := loadOpenAPI(t)
 	for path, item := range doc.Paths.Map() {

@@ -16,6 +16,8 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/copelf/copelf/controlplane/internal/billing"
+	"github.com/copelf/copelf/controlplane/internal/events"
+	"github.com/copelf/copelf/controlplane/internal/metrics"
 	"github.com/copelf/copelf/controlplane/internal/store"
 	"github.com/copelf/copelf/protocol"
 )
@@ -52,6 +54,16 @@ type Config struct {
 	// and portal return pages); "": the scheme and host of the request.
 	PublicURL string
 
+	// KeepAlive is the idle time after which an event stream sends a
+	// keep-alive comment (default DefaultKeepAlive).
+	KeepAlive time.Duration
+	// Stuck are the thresholds after which work counts as stuck
+	// (GET /v1/queue, metrics); zero durations: never.
+	Stuck store.StuckThresholds
+	// Metrics are the metrics the middleware and /metrics use; nil: New
+	// makes its own.
+	Metrics *metrics.Metrics
+
 	// SignInPerAccount and SignInPerAddress bound sign-in attempts per
 	// email and per client address (zero: DefaultSignInPerAccount,
 	// DefaultSignInPerAddress); past them POST /v1/sessions is rate_limited.
@@ -69,6 +81,11 @@ type Server struct {
 	Hooks Hooks
 	// Agents answers questions about connected agents; may be nil.
 	Agents AgentDirectory
+	// Events is the event log behind GET /v1/events; nil: those routes
+	// answer not_found.
+	Events *events.Broker
+
+	metrics *metrics.Metrics
 
 	mux    *http.ServeMux
 	signIn *signInLimiter
@@ -103,9 +120,30 @@ func New(st store.Store, log logrus.FieldLogger, cfg Config) *Server {
 	}
 	s := &Server{store: st, log: log, cfg: cfg, Now: time.Now, mux: http.NewServeMux(),
 		signIn: newSignInLimiter(cfg.SignInPerAccount, cfg.SignInPerAddress)}
+	s.metrics = cfg.Metrics
+	if s.metrics == nil {
+		s.metrics = metrics.New()
+	}
+	s.metrics.CollectQueue(metrics.QueueSource{Store: st, Stuck: cfg.Stuck, Log: log, Now: func() time.Time { return s.Now() },
+		QueueReason: func(accountID string, labels map[string]string) protocol.QueueReason {
+			if s.Agents == nil {
+				return protocol.QueueNoAgentConnected
+			}
+			return s.Agents.QueueReason(accountID, labels)
+		},
+		AgentKinds: func() map[string]int {
+			if k, ok := s.Agents.(interface{ AgentKinds() map[string]int }); ok {
+				return k.AgentKinds()
+			}
+			return nil
+		}})
 	s.routes()
 	return s
 }
+
+// Metrics returns the server's metrics (for the hub and a -metrics-addr
+// listener).
+func (s *Server) Metrics() *metrics.Metrics { return s.metrics }
 
 // handlerFunc is an API handler: it writes a response or returns an error.
 type handlerFunc func(w http.ResponseWriter, r *http.Request) error
@@ -165,6 +203,7 @@ func (s *Server) routes() {
 		s.writeError(w, r, protocol.Errorf(protocol.CodeNotFound, "No route matches %s.", r.URL.Path))
 	})
 	s.handle("/healthz", methods{"GET": s.healthz})
+	s.handle("/metrics", methods{"GET": s.getMetrics})
 	s.handle("/v1/openapi.yaml", methods{"GET": s.openapi})
 
 	s.handle("/v1/users", methods{"POST": s.createUser})
@@ -184,7 +223,10 @@ func (s *Server) routes() {
 	s.handle("/v1/runs/{id}/cancel", methods{"POST": s.cancelRun})
 	s.handle("/v1/runs/{id}/artifacts", methods{"GET": s.listArtifacts})
 	s.handle("/v1/runs/{id}/artifacts/{name}", methods{"GET": s.getArtifact, "PUT": s.putArtifact})
+	s.handle("/v1/runs/{id}/events", methods{"GET": s.streamRunEvents})
 	s.handle("/v1/agents", methods{"GET": s.listAgents})
+	s.handle("/v1/queue", methods{"GET": s.getQueue})
+	s.handle("/v1/events", methods{"GET": s.streamEvents})
 
 	s.handle("/v1/approvals", methods{"GET": s.listApprovals})
 	s.handle("/v1/approvals/{id}", methods{"GET": s.getApproval})

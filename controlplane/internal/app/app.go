@@ -16,7 +16,9 @@ import (
 
 	"github.com/copelf/copelf/controlplane/internal/api"
 	"github.com/copelf/copelf/controlplane/internal/billing"
+	"github.com/copelf/copelf/controlplane/internal/events"
 	"github.com/copelf/copelf/controlplane/internal/hub"
+	"github.com/copelf/copelf/controlplane/internal/metrics"
 	"github.com/copelf/copelf/controlplane/internal/store"
 	"github.com/copelf/copelf/controlplane/internal/store/sqlstore"
 )
@@ -58,8 +60,19 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer, ready fun
 		return fmt.Errorf("bootstrap admin: %w", err)
 	}
 
+	m := metrics.New()
 	srv := api.New(st, log, api.Config{SessionTTL: cfg.SessionTTL, RunCost: cfg.RunCost, DataDir: cfg.DataDir,
-		Prices: bc.Prices, Stripe: bc.Stripe, WebhookSecret: bc.WebhookSecret})
+		Prices: bc.Prices, Stripe: bc.Stripe, WebhookSecret: bc.WebhookSecret,
+		KeepAlive: cfg.SSEKeepAlive, Metrics: m, Stuck: store.StuckThresholds{Queued: cfg.StuckQueued, Assigned: cfg.StuckAssigned,
+			Cancelling: cfg.StuckCancelling, AwaitingApproval: cfg.StuckApproval, Analyzing: cfg.StuckAnalyzing}})
+	broker := events.New(st, log, events.Config{PollInterval: cfg.EventsPoll, Retention: cfg.EventsRetention})
+	broker.Observer = m
+	if err := broker.Start(ctx); err != nil {
+		return fmt.Errorf("start event log: %w", err)
+	}
+	defer broker.Close()
+	srv.Events = broker
+	feed := api.NewFeed(srv)
 	h := hub.New(st, log, func(ctx context.Context, token string) (*store.User, *store.Token, error) {
 		p, err := srv.Authenticate(ctx, token)
 		if err != nil {
@@ -67,11 +80,12 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer, ready fun
 		}
 		return p.User, p.Token, nil
 	}, hub.Config{LeaseTimeout: cfg.LeaseTimeout, AllowedOrigins: cfg.AllowedOrigins})
+	h.Listener, h.Metrics = feed, m
 	if err := h.Start(ctx); err != nil {
 		return fmt.Errorf("start dispatch: %w", err)
 	}
 	defer h.Close()
-	srv.Hooks, srv.Agents = h, h
+	srv.Hooks, srv.Agents = api.ChainHooks(h, feed.Hooks()), h
 	srv.Handle("/v1/agents/connect", h)
 	if cfg.Dev {
 		if err := seedDev(ctx, st, cfg, baseURL, stdout); err != nil {
@@ -89,8 +103,24 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer, ready fun
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          nil,
 	}
-	errc := make(chan error, 1)
+	errc := make(chan error, 2)
 	go func() { errc <- hs.Serve(ln) }()
+	if cfg.MetricsAddr != "" {
+		mln, err := net.Listen("tcp", cfg.MetricsAddr)
+		if err != nil {
+			return fmt.Errorf("-metrics-addr: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", m.Handler())
+		ms := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		go func() {
+			if err := ms.Serve(mln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errc <- err
+			}
+		}()
+		defer ms.Close()
+		log.WithField("addr", mln.Addr().String()).Info("metrics listening")
+	}
 	log.WithFields(logrus.Fields{"addr": addr, "db": redactURL(cfg.DB)}).Info("copelfd listening")
 	if ready != nil {
 		ready(addr)
@@ -102,7 +132,8 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer, ready fun
 	case <-ctx.Done():
 	}
 	log.Info("shutting down")
-	h.Close() // websocket connections are hijacked: Shutdown does not close them
+	h.Close()      // websocket connections are hijacked: Shutdown does not close them
+	broker.Close() // ends the event streams, which Shutdown would wait for
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
 	if err := hs.Shutdown(sctx); err != nil {

@@ -34,6 +34,18 @@ type Config struct {
 	LogLevel        string
 	LogFormat       string
 	ShutdownTimeout time.Duration
+
+	// Stuck thresholds (GET /v1/queue, metrics): how long work may stay
+	// queued, assigned but not accepted, cancelling, awaiting approval or
+	// analyzing before it counts as stuck. StuckAnalyzing 0: AnalysisTimeout.
+	StuckQueued, StuckAssigned, StuckCancelling, StuckApproval, StuckAnalyzing time.Duration
+	// EventsRetention is how long the event log keeps events; EventsPoll
+	// how often it reads events other replicas wrote; SSEKeepAlive the idle
+	// time before an event stream's keep-alive comment.
+	EventsRetention, EventsPoll, SSEKeepAlive time.Duration
+	// MetricsAddr, when set, serves /metrics without a token on its own
+	// address (on the API's address it needs an operator's token).
+	MetricsAddr string
 }
 
 // ParseConfig reads flags, then COPELF_* environment variables for flags not
@@ -60,6 +72,15 @@ func ParseConfig(args []string, usage io.Writer) (Config, error) {
 	fs.StringVar(&c.LogLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.StringVar(&c.LogFormat, "log-format", "auto", "log format: auto (text on a terminal, JSON otherwise), text, json")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 15*time.Second, "grace period for in-flight requests on SIGTERM")
+	fs.DurationVar(&c.StuckQueued, "stuck-queued", 5*time.Minute, "a run queued longer than this counts as stuck (0: never)")
+	fs.DurationVar(&c.StuckAssigned, "stuck-assigned", time.Minute, "a run assigned to an agent and not accepted for longer than this counts as stuck (0: never)")
+	fs.DurationVar(&c.StuckCancelling, "stuck-cancelling", time.Minute, "a run still running this long after its cancel counts as stuck (0: never)")
+	fs.DurationVar(&c.StuckApproval, "stuck-approval", 24*time.Hour, "a run awaiting approval longer than this counts as stuck (0: never)")
+	fs.DurationVar(&c.StuckAnalyzing, "stuck-analyzing", 0, "a workflow analyzing longer than this counts as stuck (default: -analysis-timeout)")
+	fs.DurationVar(&c.EventsRetention, "events-retention", 24*time.Hour, "how long the event log behind GET /v1/events keeps events")
+	fs.DurationVar(&c.EventsPoll, "events-poll", 500*time.Millisecond, "how often the event log is read for events other replicas wrote")
+	fs.DurationVar(&c.SSEKeepAlive, "sse-keepalive", 15*time.Second, "idle time before an event stream sends a keep-alive comment")
+	fs.StringVar(&c.MetricsAddr, "metrics-addr", "", "also serve /metrics, without a token, on this address (e.g. 127.0.0.1:9090)")
 	err := ff.Parse(fs, args, ff.WithEnvVarPrefix("COPELF"))
 	if err != nil {
 		return c, err
@@ -81,6 +102,13 @@ func ParseConfig(args []string, usage io.Writer) (Config, error) {
 		return c, fmt.Errorf("-analysis-timeout must be positive")
 	case c.RunCost < 0:
 		return c, fmt.Errorf("-run-cost must not be negative")
+	case c.StuckQueued < 0 || c.StuckAssigned < 0 || c.StuckCancelling < 0 || c.StuckApproval < 0 || c.StuckAnalyzing < 0:
+		return c, fmt.Errorf("-stuck-* thresholds must not be negative")
+	case c.EventsRetention <= 0 || c.EventsPoll <= 0 || c.SSEKeepAlive <= 0:
+		return c, fmt.Errorf("-events-retention, -events-poll and -sse-keepalive must be positive")
+	}
+	if c.StuckAnalyzing == 0 {
+		c.StuckAnalyzing = c.AnalysisTimeout
 	}
 	return c, nil
 }

@@ -37,6 +37,9 @@ type refusal struct {
 // ahead of the agent's.
 const rejectNoFreeSlot = "no_free_slot"
 
+// frameMalformed counts frames that did not decode.
+const frameMalformed protocol.FrameType = "malformed"
+
 // conn is one connected agent.
 type conn struct {
 	h         *Hub
@@ -124,7 +127,7 @@ func (h *Hub) serveConn(ws *websocket.Conn, requestID string) {
 	h.wg.Add(1)
 	go c.writeLoop()
 	unruly := c.readLoop()
-	h.unregister(c)
+	current := h.unregister(c)
 	if unruly {
 		// The error frames queued so far explain the close.
 		c.closeAfterQueued(websocket.ClosePolicyViolation, "too many malformed frames")
@@ -132,7 +135,9 @@ func (h *Hub) serveConn(ws *websocket.Conn, requestID string) {
 		c.close(websocket.CloseNormalClosure, "")
 	}
 	c.log.Info("agent disconnected")
-	if h.Listener != nil {
+	if current {
+		h.agentChanged(c, false)
+	} else if h.Listener != nil {
 		h.Listener.AgentChanged(c.accountID)
 	}
 }
@@ -170,8 +175,10 @@ func (h *Hub) hello(ws *websocket.Conn, log logrus.FieldLogger) (*conn, error) {
 	}
 	f, err := protocol.DecodeFrame(data)
 	if err != nil {
+		h.Metrics.FrameIn(frameMalformed)
 		return nil, err
 	}
+	h.Metrics.FrameIn(f.FrameType())
 	hello, ok := f.(*protocol.Hello)
 	if !ok {
 		return nil, protocol.Errorf(protocol.CodeUnauthenticated, "The first frame must be hello.").With("reason", "hello_required")
@@ -242,9 +249,7 @@ func (h *Hub) hello(ws *websocket.Conn, log logrus.FieldLogger) (*conn, error) {
 		return nil, err
 	}
 	h.Kick(c.accountID)
-	if h.Listener != nil {
-		h.Listener.AgentChanged(c.accountID)
-	}
+	h.agentChanged(c, true)
 	return c, nil
 }
 
@@ -288,7 +293,9 @@ func (h *Hub) register(c *conn) error {
 	return nil
 }
 
-func (h *Hub) unregister(c *conn) {
+// unregister removes a connection; it reports false when a newer
+// connection of the agent had replaced it.
+func (h *Hub) unregister(c *conn) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.conns[c.agentID] == c {
@@ -297,7 +304,9 @@ func (h *Hub) unregister(c *conn) {
 		if len(h.byAcct[c.accountID]) == 0 {
 			delete(h.byAcct, c.accountID)
 		}
+		return true
 	}
+	return false
 }
 
 // sendFrame queues a frame; a client whose queue is full is disconnected.
@@ -307,6 +316,7 @@ func (c *conn) sendFrame(f protocol.Frame) {
 		c.log.WithError(err).Error("encode frame")
 		return
 	}
+	c.h.Metrics.FrameOut(f.FrameType())
 	select {
 	case <-c.done:
 	case c.send <- data:
@@ -401,12 +411,15 @@ func (c *conn) readLoop() (unruly bool) {
 		c.lastSeen = c.h.Now()
 		c.h.mu.Unlock()
 		if mt != websocket.TextMessage {
+			c.h.Metrics.FrameIn(frameMalformed)
 			c.sendError(protocol.Errorf(protocol.CodeBadRequest, "Frames are JSON text messages.").With("reason", "malformed_frame"), "")
 			bad++
 		} else if f, err := protocol.DecodeFrame(data); err != nil {
+			c.h.Metrics.FrameIn(frameMalformed)
 			c.sendError(err, "")
 			bad++
 		} else {
+			c.h.Metrics.FrameIn(f.FrameType())
 			c.handle(f)
 		}
 		if bad > 20 {

@@ -188,6 +188,9 @@ func (h *Hub) assign(ctx context.Context, c *conn, r *store.Run) {
 	c.sendFrame(&protocol.Assign{RunID: r.ID, Attempt: r.Attempt, LeaseID: r.LeaseID, Inputs: r.Inputs, TimeoutMs: r.TimeoutMs,
 		Workflow: protocol.AssignedWorkflow{ID: r.WorkflowID, Name: hr.workflow, Definition: hr.def}, BatchID: r.BatchID, Iteration: r.Iteration})
 	c.log.WithField("runId", r.ID).Debug("run assigned")
+	if r.Attempt == 1 {
+		h.Metrics.Dispatched(h.Now().Sub(r.QueuedAt))
+	}
 	if h.Listener != nil {
 		h.Listener.RunChanged(r)
 	}

@@ -19,6 +19,7 @@ import (
 	"github.com/gorilla/websocket"
 	"github.com/sirupsen/logrus"
 
+	"github.com/copelf/copelf/controlplane/internal/metrics"
 	"github.com/copelf/copelf/controlplane/internal/store"
 	"github.com/copelf/copelf/protocol"
 )
@@ -78,6 +79,32 @@ type Listener interface {
 	AgentChanged(accountID string)
 }
 
+// AgentListener, when the Listener implements it, is told which agent
+// connected and which disconnected, as GET /v1/agents shows it. A
+// connection replaced by a newer one of the same agent is not a disconnect.
+type AgentListener interface {
+	AgentConnected(a AgentView)
+	AgentDisconnected(a AgentView)
+}
+
+// agentChanged tells the Listener that c connected or disconnected.
+func (h *Hub) agentChanged(c *conn, connected bool) {
+	if h.Listener == nil {
+		return
+	}
+	if al, ok := h.Listener.(AgentListener); ok {
+		h.mu.Lock()
+		v := viewLocked(c)
+		h.mu.Unlock()
+		if connected {
+			al.AgentConnected(v)
+		} else {
+			al.AgentDisconnected(v)
+		}
+	}
+	h.Listener.AgentChanged(c.accountID)
+}
+
 // Hub serves agents.
 type Hub struct {
 	cfg   Config
@@ -88,6 +115,8 @@ type Hub struct {
 	Now func() time.Time
 	// Listener may be nil.
 	Listener Listener
+	// Metrics counts frames and dispatch latency; may be nil.
+	Metrics *metrics.Metrics
 
 	upgrader websocket.Upgrader
 
@@ -303,21 +332,48 @@ func (h *Hub) Agents(accountID string) []AgentView {
 		if accountID != "" && c.accountID != accountID {
 			continue
 		}
-		runs := make([]string, 0, len(c.runs))
-		for id := range c.runs {
-			runs = append(runs, id)
-		}
-		sort.Strings(runs)
-		labels := c.info.Labels
-		if labels == nil {
-			labels = map[string]string{}
-		}
-		out = append(out, AgentView{ID: c.agentID, ClientID: c.info.ID, Name: c.info.Name, Kind: c.info.Kind, Version: c.info.Version,
-			AccountID: c.accountID, Labels: labels, Slots: c.info.Slots, FreeSlots: max(c.free, 0), ActiveRuns: runs,
-			ConnectedAt: c.connectedAt, LastSeenAt: c.lastSeen})
+		out = append(out, viewLocked(c))
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].ConnectedAt.Before(out[j].ConnectedAt) })
 	return out
+}
+
+// Agent returns a connected agent by its server id.
+func (h *Hub) Agent(id string) (AgentView, bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	c, ok := h.conns[id]
+	if !ok {
+		return AgentView{}, false
+	}
+	return viewLocked(c), true
+}
+
+// AgentKinds counts the connected agents by kind.
+func (h *Hub) AgentKinds() map[string]int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	out := map[string]int{}
+	for _, c := range h.conns {
+		out[string(c.info.Kind)]++
+	}
+	return out
+}
+
+// viewLocked is a connection as GET /v1/agents shows it; h.mu is held.
+func viewLocked(c *conn) AgentView {
+	runs := make([]string, 0, len(c.runs))
+	for id := range c.runs {
+		runs = append(runs, id)
+	}
+	sort.Strings(runs)
+	labels := c.info.Labels
+	if labels == nil {
+		labels = map[string]string{}
+	}
+	return AgentView{ID: c.agentID, ClientID: c.info.ID, Name: c.info.Name, Kind: c.info.Kind, Version: c.info.Version,
+		AccountID: c.accountID, Labels: labels, Slots: c.info.Slots, FreeSlots: max(c.free, 0), ActiveRuns: runs,
+		ConnectedAt: c.connectedAt, LastSeenAt: c.lastSeen}
 }
 
 // labelsMatch: every label a run requires is on the agent.

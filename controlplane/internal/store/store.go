@@ -668,6 +668,25 @@ type Store interface {
 	ArtifactList(ctx context.Context, runID string) ([]*Artifact, error)
 	ArtifactGet(ctx context.Context, runID, name string) (*Artifact, error)
 
+	// Events: the log behind GET /v1/events (API.md §10). Ids are assigned
+	// by the database, strictly increasing in commit order: a reader that
+	// has seen id n never later finds a new event below n.
+	//
+	// EventAppend inserts a batch of events in one transaction and sets
+	// their ID and CreatedAt (when zero).
+	EventAppend(ctx context.Context, events []*Event) error
+	// EventsAfter lists events with id > afterID that match f, oldest
+	// first, at most limit.
+	EventsAfter(ctx context.Context, afterID int64, f EventFilter, limit int) ([]*Event, error)
+	// EventLatestID is the id of the latest event (of a run when runID is
+	// set), 0 when there is none.
+	EventLatestID(ctx context.Context, runID string) (int64, error)
+	// EventPrune deletes events created before before; it returns how many.
+	EventPrune(ctx context.Context, before time.Time) (int64, error)
+	// QueueStats counts the queued runs, by account and required labels,
+	// and the runs and workflows stuck in a state (API.md §10).
+	QueueStats(ctx context.Context, p QueueStatsParams) (*QueueStats, error)
+
 	Close() error
 }
 
@@ -721,4 +740,89 @@ type Artifact struct {
 	Size        int64     `json:"size"`
 	SHA256      string    `json:"sha256"`
 	CreatedAt   time.Time `json:"createdAt"`
+}
+
+// Event is one entry of the event log: a resource as the API shows it
+// (Data, JSON) after a change. Type is the SSE event name (run.updated…).
+type Event struct {
+	ID        int64
+	AccountID string
+	Type      string
+	SubjectID string
+	RunID     string // the run an event is about (run.updated, approval.updated); "" otherwise
+	Data      json.RawMessage
+	CreatedAt time.Time
+}
+
+// EventFilter selects events; empty fields select everything.
+type EventFilter struct {
+	AccountID string
+	RunID     string
+}
+
+// QueueStatsParams selects the queue figures of one account, or of every
+// account when AccountID is "". Stuck says since when a state counts as
+// stuck; a zero time leaves that state out.
+type QueueStatsParams struct {
+	AccountID string
+	Stuck     StuckSince
+}
+
+// StuckSince holds, per non-terminal state, the time before which a run (or
+// workflow) still in that state is stuck.
+type StuckSince struct {
+	Queued           time.Time // queued, not claimed, since queuedAt
+	Assigned         time.Time // claimed by an agent, not accepted, since the assign
+	Cancelling       time.Time // cancel requested, still running
+	AwaitingApproval time.Time // a pending approval, since it was opened
+	Analyzing        time.Time // a workflow analyzing, since its last update
+}
+
+// StuckThresholds are how long a run (or workflow) may stay in each
+// non-terminal state before it counts as stuck; zero: never.
+type StuckThresholds struct {
+	Queued, Assigned, Cancelling, AwaitingApproval, Analyzing time.Duration
+}
+
+// Since turns the thresholds into the times before which, at now, each
+// state is stuck.
+func (t StuckThresholds) Since(now time.Time) StuckSince {
+	at := func(d time.Duration) time.Time {
+		if d <= 0 {
+			return time.Time{}
+		}
+		return now.Add(-d)
+	}
+	return StuckSince{Queued: at(t.Queued), Assigned: at(t.Assigned), Cancelling: at(t.Cancelling),
+		AwaitingApproval: at(t.AwaitingApproval), Analyzing: at(t.Analyzing)}
+}
+
+// QueueGroup counts an account's queued runs that require the same labels:
+// those waiting for an agent (Claimed false) or assigned to one and not yet
+// accepted (Claimed true).
+type QueueGroup struct {
+	AccountID      string
+	Labels         map[string]string
+	Claimed        bool
+	Count          int64
+	OldestQueuedAt time.Time
+	// Stuck counts the group's runs past the Queued (or, claimed, the
+	// Assigned) threshold.
+	Stuck int64
+}
+
+// StuckCounts counts stuck runs and workflows by state.
+type StuckCounts struct {
+	Queued           int64 `json:"queued"`
+	Assigned         int64 `json:"assigned"`
+	Cancelling       int64 `json:"cancelling"`
+	AwaitingApproval int64 `json:"awaiting_approval"`
+	Analyzing        int64 `json:"analyzing"`
+}
+
+// QueueStats is what QueueStats found.
+type QueueStats struct {
+	Groups []QueueGroup
+	// Stuck is by account; Queued and Assigned repeat the groups' sums.
+	Stuck map[string]StuckCounts
 }

@@ -59,6 +59,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"Money", testMoney},
 		{"Analysis", testAnalysis},
 		{"AnalysisRaces", testAnalysisRaces},
+		{"Events", testEvents},
 	} {
 		t.Run(g.name, func(t *testing.T) {
 			t.Parallel()
