@@ -20,6 +20,7 @@ import (
 	"errors"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -136,9 +137,10 @@ type Broker struct {
 	lazyOrder []string
 	closed    bool
 
-	writeKick chan struct{}
-	tailKick  chan struct{}
-	appended  chan []*store.Event
+	writeKick   chan struct{}
+	tailKick    chan struct{}
+	lastDropLog atomic.Int64
+	appended    chan []*store.Event
 
 	subMu sync.Mutex
 	subs  map[*Subscription]struct{}
@@ -147,6 +149,7 @@ type Broker struct {
 	ctx     context.Context
 	cancel  context.CancelFunc
 	stopW   chan struct{} // asks the writer to flush and stop
+	writer  sync.WaitGroup
 	wg      sync.WaitGroup
 	started bool
 	once    sync.Once
@@ -179,7 +182,8 @@ func (b *Broker) Start(ctx context.Context) error {
 	b.last = last
 	b.subMu.Unlock()
 	b.started = true
-	b.wg.Add(3)
+	b.writer.Add(1)
+	b.wg.Add(2)
 	go b.writeLoop()
 	go b.tailLoop()
 	go b.pruneLoop()
@@ -194,7 +198,10 @@ func (b *Broker) Close() {
 		b.closed = true
 		b.mu.Unlock()
 		if b.started {
+			// The writer first: what is pending is appended and
+			// delivered before the tail stops.
 			close(b.stopW)
+			b.writer.Wait()
 		}
 		b.cancel()
 		b.wg.Wait()
@@ -252,7 +259,11 @@ func (b *Broker) PublishLazy(key string, fn Builder) {
 }
 
 func (b *Broker) dropped(n int) {
-	b.log.WithField("dropped", n).Warn("event log: too many pending publications; dropping")
+	// One warning a second at most: dropping happens in floods.
+	if now := time.Now().UnixNano(); now-b.lastDropLog.Load() > int64(time.Second) {
+		b.lastDropLog.Store(now)
+		b.log.WithField("dropped", n).Warn("event log: too many pending publications; dropping")
+	}
 	if b.Observer != nil {
 		b.Observer.EventsDropped(n)
 	}
@@ -307,19 +318,22 @@ func (b *Broker) take(limit int) ([]Item, []Builder) {
 	return items, builders
 }
 
+// closeGrace bounds the appends of what is pending at Close.
+const closeGrace = 5 * time.Second
+
 func (b *Broker) writeLoop() {
-	defer b.wg.Done()
+	defer b.writer.Done()
 	for {
 		select {
 		case <-b.stopW:
 			// Flush what is pending with a bounded grace, then stop.
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			ctx, cancel := context.WithTimeout(context.Background(), closeGrace)
 			for b.flush(ctx) {
 			}
 			cancel()
 			return
 		case <-b.writeKick:
-			for b.flush(b.ctx) {
+			for b.flush(context.Background()) {
 			}
 		}
 	}
@@ -356,7 +370,10 @@ func (b *Broker) flush(ctx context.Context) bool {
 	start := time.Now()
 	var err error
 	for attempt := 0; attempt < 3; attempt++ {
-		if err = b.st.EventAppend(ctx, evs); err == nil || ctx.Err() != nil {
+		actx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		err = b.st.EventAppend(actx, evs)
+		cancel()
+		if err == nil || ctx.Err() != nil {
 			break
 		}
 		select {
