@@ -16,6 +16,7 @@ import (
 
 	"github.com/copelf/copelf/controlplane/internal/api"
 	"github.com/copelf/copelf/controlplane/internal/billing"
+	"github.com/copelf/copelf/controlplane/internal/cluster"
 	"github.com/copelf/copelf/controlplane/internal/events"
 	"github.com/copelf/copelf/controlplane/internal/hub"
 	"github.com/copelf/copelf/controlplane/internal/metrics"
@@ -47,6 +48,13 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer, ready fun
 		return err
 	}
 	defer st.Close()
+	// Replicas on one PostgreSQL database signal each other and elect the
+	// one that runs maintenance; on SQLite this is a no-op.
+	cl, err := cluster.New(cfg.DB, log, cluster.Config{})
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
 
 	ln, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
@@ -66,7 +74,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer, ready fun
 		KeepAlive: cfg.SSEKeepAlive, Metrics: m, Stuck: store.StuckThresholds{Queued: cfg.StuckQueued, Assigned: cfg.StuckAssigned,
 			Cancelling: cfg.StuckCancelling, AwaitingApproval: cfg.StuckApproval, Analyzing: cfg.StuckAnalyzing}})
 	broker := events.New(st, log, events.Config{PollInterval: cfg.EventsPoll, Retention: cfg.EventsRetention})
-	broker.Observer = m
+	broker.Observer = cl.EventsObserver(m)
 	if err := broker.Start(ctx); err != nil {
 		return fmt.Errorf("start event log: %w", err)
 	}
@@ -80,12 +88,14 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer, ready fun
 		}
 		return p.User, p.Token, nil
 	}, hub.Config{LeaseTimeout: cfg.LeaseTimeout, AllowedOrigins: cfg.AllowedOrigins})
-	h.Listener, h.Metrics = feed, m
+	h.Listener, h.Metrics, h.Peers = feed, m, cl
 	if err := h.Start(ctx); err != nil {
 		return fmt.Errorf("start dispatch: %w", err)
 	}
 	defer h.Close()
-	srv.Hooks, srv.Agents = api.ChainHooks(h, feed.Hooks()), h
+	srv.Hooks, srv.Agents = api.ChainHooks(h, feed.Hooks(), cl), h
+	cl.Start(cluster.Receiver{Queued: h.Kick, RunChanged: h.Sync, ApprovalResolved: h.SyncApproval, EventsAppended: broker.Wake,
+		Resync: func(ctx context.Context) error { broker.Wake(); return h.Resync(ctx) }})
 	srv.Handle("/v1/agents/connect", h)
 	if cfg.Dev {
 		if err := seedDev(ctx, st, cfg, baseURL, stdout); err != nil {
@@ -132,6 +142,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer, ready fun
 	case <-ctx.Done():
 	}
 	log.Info("shutting down")
+	cl.Close()     // another replica takes maintenance leadership at once
 	h.Close()      // websocket connections are hijacked: Shutdown does not close them
 	broker.Close() // ends the event streams, which Shutdown would wait for
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)

@@ -203,7 +203,8 @@ func (e hubError) Error() string { return string(e) }
 const errGone = hubError("agent disconnected")
 
 // reapLoop runs maintenance every SweepInterval: expired leases, overdue
-// cancels, run timeouts and queue timeouts.
+// cancels, run timeouts and queue timeouts; with peers, only while this
+// control plane is their leader.
 func (h *Hub) reapLoop() {
 	defer h.wg.Done()
 	t := time.NewTicker(h.cfg.SweepInterval)
@@ -213,6 +214,9 @@ func (h *Hub) reapLoop() {
 		case <-h.ctx.Done():
 			return
 		case <-t.C:
+			if !h.leading() {
+				continue // another control plane runs maintenance
+			}
 			if err := h.Reap(h.ctx); err != nil && h.ctx.Err() == nil {
 				h.log.WithError(err).Warn("maintenance failed")
 			}
@@ -239,6 +243,7 @@ func (h *Hub) Reap(ctx context.Context) error {
 		h.log.WithField("runId", r.ID).WithField("agentId", r.AgentID).WithField("status", out.Status).Warn("lease expired")
 		h.releaseRun(r.ID, false, "")
 		h.changed(out)
+		h.reaped(out)
 		h.Kick(r.AccountID)
 	}
 	for _, r := range due.CancelOverdue {
@@ -267,6 +272,7 @@ func (h *Hub) finish(ctx context.Context, r *store.Run, status protocol.RunStatu
 	h.log.WithField("runId", r.ID).WithField("status", status).Info("run ended by the server")
 	h.releaseRun(r.ID, reason != "", reason)
 	h.changed(out)
+	h.reaped(out)
 }
 
 func (h *Hub) changed(r *store.Run) {

@@ -130,6 +130,10 @@ type Hub struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+
+	// Peers are the other control planes on the same database (package
+	// cluster); nil when this one is alone. Set before Start.
+	Peers Peers
 }
 
 // New returns a hub; call Start before serving.
