@@ -67,11 +67,17 @@ type process struct {
 // and waits until /healthz answers.
 func startProcess(t *testing.T, bin, dir, adminToken string) *process {
 	t.Helper()
+	return startProcessOn(t, bin, "sqlite://"+filepath.Join(dir, "copelf.db"), dir, adminToken)
+}
+
+// startProcessOn is startProcess on the database at dbURL.
+func startProcessOn(t *testing.T, bin, dbURL, dir, adminToken string) *process {
+	t.Helper()
 	addr := freeAddr(t)
 	p := &process{URL: "http://" + addr, out: &syncBuffer{}, exited: make(chan struct{})}
 	p.cmd = exec.Command(bin,
 		"-addr", addr,
-		"-db", "sqlite://"+filepath.Join(dir, "copelf.db"),
+		"-db", dbURL,
 		"-data-dir", filepath.Join(dir, "data"),
 		"-log-level", "warn",
 		"-shutdown-timeout", "5s",

@@ -136,7 +136,7 @@ func newEnv(t testing.TB, cfg hub.Config, opts ...envOption) *env {
 		})
 	}
 	ctx := context.Background()
-	st, err := sqlstore.Open(ctx, "sqlite://"+migratedDB(t))
+	st, err := sqlstore.Open(ctx, envDB(t))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,73 @@
+package api_test
+
+import (
+	"context"
+	"net/http/httptest"
+	"testing"
+
+	"github.com/sirupsen/logrus"
+	"github.com/sirupsen/logrus/hooks/test"
+
+	"github.com/copelf/copelf/controlplane/internal/api"
+	"github.com/copelf/copelf/controlplane/internal/store"
+	"github.com/copelf/copelf/controlplane/internal/store/sqlstore"
+	"github.com/copelf/copelf/controlplane/internal/store/sqlstore/pgtest"
+	"github.com/copelf/copelf/protocol"
+)
+
+// While the database server cannot be reached, every route that needs it
+// answers the typed envelope internal with details.reason
+// database_unavailable and Retry-After, and the server serves again by
+// itself once the database is back. The outage is a proxy cut between the
+// store and PostgreSQL: the server itself is not touched.
+func TestDatabaseUnavailable(t *testing.T) {
+	t.Parallel()
+	proxy := pgtest.NewProxy(t)
+	ctx := context.Background()
+	st, err := sqlstore.Open(ctx, proxy.URL(pgtest.Schema(t, pgtest.Database(t))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	log, hook := test.NewNullLogger()
+	log.SetLevel(logrus.DebugLevel)
+	srv := api.New(st, log, api.Config{RunCost: 1})
+	hs := httptest.NewServer(srv)
+	t.Cleanup(hs.Close)
+	e := &env{t: t, Store: st, API: srv, Server: hs, Logs: hook}
+	u, err := st.UserCreate(ctx, store.UserCreateParams{Email: "pg@example.com", PasswordHash: "x", Role: store.RoleMember, Plan: store.PlanPro})
+	if err != nil {
+		t.Fatal(err)
+	}
+	token, err := api.CreateToken(ctx, st, u.ID, store.TokenAPI, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	expectStatus(t, e.get("/v1/me", token), 200)
+
+	proxy.Cut()
+	for _, path := range []string{"/v1/me", "/v1/workflows"} {
+		r := e.get(path, token)
+		env := expectError(t, r, protocol.CodeInternal)
+		if env.Details["reason"] != api.ReasonDatabaseUnavailable {
+			t.Errorf("GET %s during the outage: details %v, want reason %s", path, env.Details, api.ReasonDatabaseUnavailable)
+		}
+		if r.Header.Get("Retry-After") == "" {
+			t.Errorf("GET %s during the outage: no Retry-After", path)
+		}
+	}
+	// The log line names the request, as for every internal error.
+	found := false
+	for _, entry := range hook.AllEntries() {
+		if entry.Message == "database unavailable" && entry.Data["requestId"] != nil {
+			found = true
+		}
+	}
+	if !found {
+		t.Error("no log line for the outage")
+	}
+
+	proxy.Restore(t)
+	expectStatus(t, e.get("/v1/me", token), 200)
+	expectStatus(t, e.get("/v1/workflows", token), 200)
+}
