@@ -423,6 +423,19 @@ func TestOpenAPITour(t *testing.T) {
 	expectStatus(t, e.do(request{Method: "GET", Path: "/v1/batches/" + bat + "/results", Token: token, Header: map[string]string{"Accept": "text/csv"}}), http.StatusOK)
 	expect(e.post("/v1/batches/"+csvBatch+"/cancel", token, nil), http.StatusOK)
 
+	// Recorded workflows: an upload, the analyzer's queue, claim, download
+	// (whole, a range, not modified) and result, and a new video.
+	recording, recCT := multipartUpload(t, strPtr("tour recording"), "tour.mp4", readTestVideo(t, "sample-20s.mp4"))
+	rec := expect(e.do(request{Method: "POST", Path: "/v1/workflows", Token: token, Body: recording, Header: map[string]string{"Content-Type": recCT}}), http.StatusCreated)["id"].(string)
+	analyzer := expect(e.post("/v1/tokens", e.Admin, map[string]any{"name": "tour analyzer", "kind": "analyzer"}), http.StatusCreated)["token"].(string)
+	expect(e.get("/v1/analysis/workflows?limit=5", analyzer), http.StatusOK)
+	claimID := expect(e.post("/v1/workflows/"+rec+"/analysis/claim", analyzer, nil), http.StatusOK)["claimId"].(string)
+	videoETag := e.get("/v1/workflows/"+rec+"/video", analyzer).Header.Get("ETag")
+	expectStatus(t, e.do(request{Method: "GET", Path: "/v1/workflows/" + rec + "/video", Token: analyzer, Header: map[string]string{"Range": "bytes=0-99"}}), http.StatusPartialContent)
+	expectStatus(t, e.do(request{Method: "GET", Path: "/v1/workflows/" + rec + "/video", Token: token, Header: map[string]string{"If-None-Match": videoETag}}), http.StatusNotModified)
+	expect(e.post("/v1/workflows/"+rec+"/analysis", analyzer, map[string]any{"claimId": claimID, "definition": json.RawMessage(tourDefinition)}), http.StatusOK)
+	expect(e.do(request{Method: "PUT", Path: "/v1/workflows/" + rec + "/video", Token: token, Body: readTestVideo(t, "sample-20s.webm"), Header: map[string]string{"Content-Type": "video/webm"}}), http.StatusOK)
+
 	// Credits.
 	expect(e.get("/v1/credits", token), http.StatusOK)
 	expect(e.get("/v1/credits/ledger?limit=2", token), http.StatusOK)

@@ -19,6 +19,7 @@ import (
 	"github.com/copelf/copelf/controlplane/internal/events"
 	"github.com/copelf/copelf/controlplane/internal/metrics"
 	"github.com/copelf/copelf/controlplane/internal/store"
+	"github.com/copelf/copelf/controlplane/internal/video"
 	"github.com/copelf/copelf/protocol"
 )
 
@@ -53,6 +54,16 @@ type Config struct {
 	// PublicURL is where Stripe sends customers back to (success, cancel
 	// and portal return pages); "": the scheme and host of the request.
 	PublicURL string
+
+	// Videos keeps uploaded recordings; nil: a directory "videos" in DataDir.
+	Videos video.Store
+	// AnalysisTimeout is how long a workflow may stay analyzing
+	// (default DefaultAnalysisTimeout); see RunAnalysisReaper.
+	AnalysisTimeout time.Duration
+	// VideoIdleTimeout cuts an upload that brings no byte for this long;
+	// VideoUploadTimeout bounds a whole upload (defaults
+	// DefaultVideoIdleTimeout, DefaultVideoUploadTimeout).
+	VideoIdleTimeout, VideoUploadTimeout time.Duration
 
 	// KeepAlive is the idle time after which an event stream sends a
 	// keep-alive comment (default DefaultKeepAlive).
@@ -117,6 +128,16 @@ func New(st store.Store, log logrus.FieldLogger, cfg Config) *Server {
 	}
 	if cfg.MaxArtifactBytes <= 0 {
 		cfg.MaxArtifactBytes = 10 << 20
+	}
+	cfg.Videos = videoStore(cfg, log)
+	if cfg.AnalysisTimeout <= 0 {
+		cfg.AnalysisTimeout = DefaultAnalysisTimeout
+	}
+	if cfg.VideoIdleTimeout <= 0 {
+		cfg.VideoIdleTimeout = DefaultVideoIdleTimeout
+	}
+	if cfg.VideoUploadTimeout <= 0 {
+		cfg.VideoUploadTimeout = DefaultVideoUploadTimeout
 	}
 	s := &Server{store: st, log: log, cfg: cfg, Now: time.Now, mux: http.NewServeMux(),
 		signIn: newSignInLimiter(cfg.SignInPerAccount, cfg.SignInPerAddress)}
@@ -215,6 +236,10 @@ func (s *Server) routes() {
 
 	s.handle("/v1/workflows", methods{"POST": s.createWorkflow, "GET": s.listWorkflows})
 	s.handle("/v1/workflows/{id}", methods{"GET": s.getWorkflow, "PATCH": s.updateWorkflow, "DELETE": s.deleteWorkflow})
+	s.handle("/v1/workflows/{id}/video", methods{"GET": s.getVideo, "PUT": s.putVideo})
+	s.handle("/v1/workflows/{id}/analysis", methods{"POST": s.postAnalysis})
+	s.handle("/v1/workflows/{id}/analysis/claim", methods{"POST": s.claimAnalysis})
+	s.handle("/v1/analysis/workflows", methods{"GET": s.listWaiting})
 	s.handle("/v1/workflows/{id}/runs", methods{"POST": s.idempotent(s.createRun)})
 	s.handle("/v1/workflows/{id}/batches", methods{"POST": s.idempotent(s.createBatch)})
 

@@ -3,6 +3,7 @@ package api
 import (
 	"encoding/json"
 	"errors"
+	"mime"
 	"net/http"
 	"strings"
 	"time"
@@ -18,6 +19,8 @@ type workflowView struct {
 	Name       string                  `json:"name"`
 	Status     protocol.WorkflowStatus `json:"status"`
 	Definition json.RawMessage         `json:"definition"`
+	Video      *store.WorkflowVideo    `json:"video,omitempty"`
+	Analysis   *store.WorkflowAnalysis `json:"analysis,omitempty"`
 	CreatedAt  time.Time               `json:"createdAt"`
 	UpdatedAt  time.Time               `json:"updatedAt"`
 }
@@ -27,7 +30,8 @@ func viewWorkflow(w *store.Workflow) workflowView {
 	if len(def) == 0 {
 		def = json.RawMessage("null")
 	}
-	return workflowView{ID: w.ID, Name: w.Name, Status: w.Status, Definition: def, CreatedAt: w.CreatedAt, UpdatedAt: w.UpdatedAt}
+	return workflowView{ID: w.ID, Name: w.Name, Status: w.Status, Definition: def, Video: w.Video, Analysis: w.Analysis,
+		CreatedAt: w.CreatedAt, UpdatedAt: w.UpdatedAt}
 }
 
 type workflowBody struct {
@@ -73,8 +77,8 @@ func (s *Server) createWorkflow(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	if strings.HasPrefix(r.Header.Get("Content-Type"), "multipart/") {
-		return protocol.Errorf(protocol.CodeBadRequest, "Video uploads are not supported by this server yet; send a JSON definition.").With("reason", "unsupported_upload")
+	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); strings.HasPrefix(mt, "multipart/") {
+		return s.createRecordedWorkflow(w, r, p)
 	}
 	var b workflowBody
 	if err := decodeJSON(w, r, &b); err != nil {
@@ -192,11 +196,15 @@ func (s *Server) deleteWorkflow(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	if _, err := s.ownWorkflow(r, p); err != nil {
+	wf, err := s.ownWorkflow(r, p)
+	if err != nil {
 		return err
 	}
 	if err := s.store.WorkflowDelete(r.Context(), r.PathValue("id")); err != nil {
 		return err
+	}
+	if wf.Video != nil {
+		s.deleteVideo(r.Context(), wf.Video.Key)
 	}
 	w.WriteHeader(http.StatusNoContent)
 	return nil

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -22,6 +23,7 @@ import (
 	"github.com/copelf/copelf/controlplane/internal/metrics"
 	"github.com/copelf/copelf/controlplane/internal/store"
 	"github.com/copelf/copelf/controlplane/internal/store/sqlstore"
+	"github.com/copelf/copelf/controlplane/internal/video"
 )
 
 // Run starts copelfd with args and serves until ctx is cancelled, then shuts
@@ -48,6 +50,10 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer, ready fun
 		return err
 	}
 	defer st.Close()
+	videos, err := openVideos(cfg.DataDir, log)
+	if err != nil {
+		return err
+	}
 	// Replicas on one PostgreSQL database signal each other and elect the
 	// one that runs maintenance; on SQLite this is a no-op.
 	cl, err := cluster.New(cfg.DB, log, cluster.Config{})
@@ -70,6 +76,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer, ready fun
 
 	m := metrics.New()
 	srv := api.New(st, log, api.Config{SessionTTL: cfg.SessionTTL, RunCost: cfg.RunCost, DataDir: cfg.DataDir,
+		Videos: videos, AnalysisTimeout: cfg.AnalysisTimeout,
 		Prices: bc.Prices, Stripe: bc.Stripe, WebhookSecret: bc.WebhookSecret,
 		KeepAlive: cfg.SSEKeepAlive, Metrics: m, Stuck: store.StuckThresholds{Queued: cfg.StuckQueued, Assigned: cfg.StuckAssigned,
 			Cancelling: cfg.StuckCancelling, AwaitingApproval: cfg.StuckApproval, Analyzing: cfg.StuckAnalyzing}})
@@ -97,6 +104,12 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer, ready fun
 	cl.Start(cluster.Receiver{Queued: h.Kick, RunChanged: h.Sync, ApprovalResolved: h.SyncApproval, EventsAppended: broker.Wake,
 		Resync: func(ctx context.Context) error { broker.Wake(); return h.Resync(ctx) }})
 	srv.Handle("/v1/agents/connect", h)
+	// The analysis reaper runs on every replica: each pass is one guarded
+	// UPDATE, and the first fails the analyses a stopped server left behind.
+	reaperCtx, stopReaper := context.WithCancel(ctx)
+	reaperDone := make(chan struct{})
+	go func() { defer close(reaperDone); srv.RunAnalysisReaper(reaperCtx, 0) }()
+	defer func() { stopReaper(); <-reaperDone }()
 	if cfg.Dev {
 		if err := seedDev(ctx, st, cfg, baseURL, stdout); err != nil {
 			return fmt.Errorf("dev seed: %w", err)
@@ -177,6 +190,21 @@ func billingConfig(cfg Config, log logrus.FieldLogger) (api.Config, error) {
 		log.Warn("-stripe-webhook-secret is not set: Stripe's webhook is refused; paid checkouts are granted only from the success page")
 	}
 	return out, nil
+}
+
+// openVideos opens the video store in the data directory and removes the
+// temporary files of uploads a stopped server left behind.
+func openVideos(dataDir string, log logrus.FieldLogger) (*video.Dir, error) {
+	videos, err := video.NewDir(filepath.Join(dataDir, "videos"))
+	if err != nil {
+		return nil, err
+	}
+	if n, err := videos.RemoveStaleUploads(time.Hour); err != nil {
+		log.WithError(err).Warn("stale video uploads not removed")
+	} else if n > 0 {
+		log.WithField("count", n).Info("removed stale video uploads")
+	}
+	return videos, nil
 }
 
 func openStore(ctx context.Context, dsn string) (store.Store, error) {
