@@ -197,7 +197,8 @@ func New(dsn string, log logrus.FieldLogger, cfg Config) (*Cluster, error) {
 }
 
 // connConfig is pgx's configuration of a connection to dsn, without the
-// store's pool_max_conns, named copelfd-cluster in pg_stat_activity.
+// store's pool_max_conns, named copelfd-cluster in pg_stat_activity, its
+// commits asynchronous.
 func connConfig(dsn string) (*pgx.ConnConfig, error) {
 	u, err := url.Parse(dsn)
 	if err != nil {
@@ -217,6 +218,10 @@ func connConfig(dsn string) (*pgx.ConnConfig, error) {
 	if _, ok := cfg.RuntimeParams["application_name"]; !ok {
 		cfg.RuntimeParams["application_name"] = "copelfd-cluster"
 	}
+	// A NOTIFY commits a transaction of its own; signals are not data (a
+	// crash loses nothing the resync would not find), so that commit need
+	// not wait for the disk.
+	cfg.RuntimeParams["synchronous_commit"] = "off"
 	return cfg, nil
 }
 
