@@ -10,6 +10,7 @@ package e2e
 // (or COPELF_NEED_POSTGRES=1), where they fail.
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/json"
 	"fmt"
@@ -543,5 +544,58 @@ func TestReplicasMaintenanceLeader(t *testing.T) {
 	run = lost(follower, follower)
 	if !follower.p.logContains("lease expired", run) {
 		t.Errorf("the new leader did not log the expired lease of %s", run)
+	}
+}
+
+// TestReplicasEvents: a run executed through replica A shows on an event
+// stream opened on replica B at once: A's appends to the event log signal
+// B, whose broker reads the table then rather than at its next poll (set to
+// a minute here, longer than the test waits).
+func TestReplicasEvents(t *testing.T) {
+	rs := startReplicas(t, 2, "-events-poll", "1m")
+	a, b := rs[0], rs[1]
+	_, token, agentToken := a.account(t, 10)
+	req, _ := http.NewRequest("GET", b.URL+"/v1/events?types=run", nil)
+	req.Header.Set("Authorization", "Bearer "+token)
+	res, err := http.DefaultClient.Do(req)
+	if err != nil || res.StatusCode != 200 {
+		t.Fatalf("event stream on B: %v %v", res, err)
+	}
+	lines := make(chan string, 256)
+	go func() {
+		defer close(lines)
+		sc := bufio.NewScanner(res.Body)
+		sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+	}()
+	t.Cleanup(func() {
+		res.Body.Close()
+		for range lines {
+		}
+	})
+
+	ag := dialAgent(t, a.URL, agentToken, "noop-a", 1)
+	wf := a.workflow(t, token, "noop", noopDef)
+	run := a.runWorkflow(t, token, wf, nil)
+	as := expectFrame[*protocol.Assign](ag)
+	ag.start(as)
+	ag.report(as, 2, protocol.Event{Kind: protocol.EventFinished, Status: "succeeded"})
+	start := time.Now()
+	deadline := time.After(30 * time.Second)
+	for {
+		select {
+		case l, ok := <-lines:
+			if !ok {
+				t.Fatal("B's event stream ended")
+			}
+			if strings.HasPrefix(l, "data: ") && strings.Contains(l, run) && strings.Contains(l, `"status":"succeeded"`) {
+				t.Logf("B's stream showed the run succeeded %s after A acknowledged its finish", time.Since(start).Round(time.Millisecond))
+				return
+			}
+		case <-deadline:
+			t.Fatal("B's event stream did not show the run succeeded within 30s (its poll is a minute)")
+		}
 	}
 }
