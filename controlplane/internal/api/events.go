@@ -310,15 +310,26 @@ type Feed struct {
 	s *Server
 	b *events.Broker
 	m *metrics.Metrics
+	// BatchInterval is the least time between two events of one batch
+	// (default DefaultBatchInterval): a batch's event holds every
+	// iteration, and its runs may change hundreds of times a second. The
+	// last change is always published.
+	BatchInterval time.Duration
 
-	mu       sync.Mutex
-	finished map[string]bool // runs counted as finished (a bounded set)
-	order    []string
+	mu           sync.Mutex
+	finished     map[string]bool // runs counted as finished (a bounded set)
+	order        []string
+	batchLast    map[string]time.Time // when each batch's event was last published
+	batchPending map[string]bool      // batches with an event scheduled
 }
+
+// DefaultBatchInterval is the default Feed.BatchInterval.
+const DefaultBatchInterval = 250 * time.Millisecond
 
 // NewFeed returns the feed of s (whose Events must be set).
 func NewFeed(s *Server) *Feed {
-	return &Feed{s: s, b: s.Events, m: s.metrics, finished: map[string]bool{}}
+	return &Feed{s: s, b: s.Events, m: s.metrics, BatchInterval: DefaultBatchInterval,
+		finished: map[string]bool{}, batchLast: map[string]time.Time{}, batchPending: map[string]bool{}}
 }
 
 var (
@@ -384,8 +395,42 @@ func (f *Feed) RunByID(runID string) {
 	})
 }
 
-// Batch publishes a batch's state as it is when the log's writer flushes.
+// Batch publishes a batch's state as it is when the log's writer flushes,
+// at most once per BatchInterval: a change within the interval of the last
+// event is published when the interval ends.
 func (f *Feed) Batch(batchID string) {
+	f.mu.Lock()
+	if f.batchPending[batchID] {
+		f.mu.Unlock()
+		return
+	}
+	now := time.Now()
+	wait := time.Until(f.batchLast[batchID].Add(f.BatchInterval))
+	if wait <= 0 {
+		f.batchLast[batchID] = now
+		if len(f.batchLast) > 4096 {
+			for id, at := range f.batchLast {
+				if now.Sub(at) > f.BatchInterval {
+					delete(f.batchLast, id)
+				}
+			}
+		}
+		f.mu.Unlock()
+		f.publishBatch(batchID)
+		return
+	}
+	f.batchPending[batchID] = true
+	f.mu.Unlock()
+	time.AfterFunc(wait, func() {
+		f.mu.Lock()
+		delete(f.batchPending, batchID)
+		f.batchLast[batchID] = time.Now()
+		f.mu.Unlock()
+		f.publishBatch(batchID)
+	})
+}
+
+func (f *Feed) publishBatch(batchID string) {
 	f.b.PublishLazy("batch:"+batchID, func(ctx context.Context) ([]events.Item, error) {
 		b, err := f.s.store.BatchGet(ctx, batchID)
 		if err != nil {

@@ -867,3 +867,56 @@ func tourLive(t *testing.T) {
 		t.Errorf("tour: first event %s", fmt.Sprint(ev))
 	}
 }
+
+// TestBatchEvents: a batch's progress is published as batch.updated (the
+// batch as GET /v1/batches/{id} shows it), at most a few times however many
+// of its runs change, and always in its final state.
+func TestBatchEvents(t *testing.T) {
+	e := newLiveEnv(t, api.Config{})
+	u := e.newUser(store.RoleMember, store.PlanPro, 100)
+	const n = 20
+	bat := e.newBatch(u.Token, e.newWorkflow(u.Token), n)
+	s := e.openStream("/v1/events", u.Token, nil)
+	expectStatus(t, e.post("/v1/batches/"+bat+"/start", u.Token, nil), http.StatusOK)
+	expectStatus(t, e.post("/v1/batches/"+bat+"/cancel", u.Token, nil), http.StatusOK)
+	runs, batches, final := 0, 0, false
+	// Every run is queued then cancelled; the batch's final event may come
+	// before the last runs' (it is read when the log is written).
+	for runs < 2*n || !final {
+		ev := s.next(false)
+		switch ev.Type {
+		case events.RunUpdated:
+			runs++
+		case events.BatchUpdated:
+			batches++
+			var b map[string]any
+			if err := json.Unmarshal(ev.envelope(t).Data, &b); err != nil {
+				t.Fatal(err)
+			}
+			if b["id"] != bat || len(b["iterations"].([]any)) != n {
+				t.Fatalf("batch event %s", ev.Data)
+			}
+			if b["status"] != "cancelled" {
+				continue
+			}
+			want := e.get("/v1/batches/"+bat, u.Token).Map(t)
+			if w, g := asJSON(t, want), asJSON(t, b); w != g {
+				t.Errorf("batch event\n%s\nGET batch\n%s", g, w)
+			}
+			final = true
+		}
+	}
+	if batches > 6 {
+		t.Errorf("%d run events, %d batch events", runs, batches)
+	}
+	t.Logf("%d run events, %d batch events", runs, batches)
+}
+
+func asJSON(t *testing.T, v any) string {
+	t.Helper()
+	b, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}

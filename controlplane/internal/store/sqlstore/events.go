@@ -115,8 +115,8 @@ func (s *DB) EventPrune(ctx context.Context, before time.Time) (int64, error) {
 
 // QueueStats reads the queued runs grouped by account, labels and claim,
 // then the other stuck states, on the read pool. Every query walks an index
-// of non-terminal rows (runs_status, approvals_one_pending) or the small
-// workflows table.
+// of non-terminal rows (runs_status, approvals_one_pending,
+// workflows_analysis).
 func (s *DB) QueueStats(ctx context.Context, p store.QueueStatsParams) (*store.QueueStats, error) {
 	out := &store.QueueStats{Stuck: map[string]store.StuckCounts{}}
 	acct, args := "", []any{}
@@ -191,7 +191,7 @@ func (s *DB) QueueStats(ctx context.Context, p store.QueueStatsParams) (*store.Q
 		p.Stuck.AwaitingApproval, func(c *store.StuckCounts, n int64) { c.AwaitingApproval = n }); err != nil {
 		return nil, err
 	}
-	if err := add(`SELECT account_id, COUNT(*) FROM workflows WHERE status = 'analyzing' AND deleted_at IS NULL AND updated_at < ?`,
+	if err := add(`SELECT account_id, COUNT(*) FROM workflows WHERE status = 'analyzing' AND deleted_at IS NULL AND COALESCE(analysis_started_at, updated_at) < ?`,
 		p.Stuck.Analyzing, func(c *store.StuckCounts, n int64) { c.Analyzing = n }); err != nil {
 		return nil, err
 	}

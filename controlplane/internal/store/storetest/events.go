@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/copelf/copelf/controlplane/internal/store"
+	"github.com/copelf/copelf/protocol"
 )
 
 func testEvents(t *testing.T, open Opener) {
@@ -241,6 +242,13 @@ func testQueueStats(t *testing.T, open Opener) {
 		t.Errorf("stuck without thresholds: %+v", c)
 	}
 
+	// A workflow analyzing counts by the start of its analysis.
+	if _, err := b.st.WorkflowCreate(ctx, store.WorkflowCreateParams{AccountID: b.user.ID, Name: "recorded", Status: protocol.WorkflowAnalyzing,
+		Definition: json.RawMessage(Definition)}); err != nil {
+		t.Fatal(err)
+	}
+	tick()
+
 	// With thresholds in the future, everything in a state is stuck.
 	future := time.Now().Add(time.Hour)
 	all := store.StuckSince{Queued: future, Assigned: future, Cancelling: future, AwaitingApproval: future, Analyzing: future}
@@ -248,8 +256,8 @@ func testQueueStats(t *testing.T, open Opener) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c := stats.Stuck[b.user.ID]; c.Queued != 2 || c.Assigned != 1 || c.Cancelling != 1 || c.AwaitingApproval != 0 {
-		t.Errorf("stuck counts %+v, want queued 2, assigned 1, cancelling 1", c)
+	if c := stats.Stuck[b.user.ID]; c.Queued != 2 || c.Assigned != 1 || c.Cancelling != 1 || c.AwaitingApproval != 0 || c.Analyzing != 1 {
+		t.Errorf("stuck counts %+v, want queued 2, assigned 1, cancelling 1, analyzing 1", c)
 	}
 	for _, g := range stats.Groups {
 		if g.AccountID != b.user.ID {
