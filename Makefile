@@ -37,7 +37,7 @@ run: deps build ## control plane (dev mode, SQLite) + a local headless agent; ru
 	echo "  logs:      $(DATA)/copelfd.log, $(DATA)/agent.log"; \
 	echo "  tokens:    $(DATA)/dev.env  (set -a; . $(DATA)/dev.env; set +a)"; \
 	echo "  try:       $(BIN)/copelf runs create -input password=hunter2 -wait $$COPELF_SAMPLE_WORKFLOW"; \
-	echo "             curl -s -H \"Authorization: Bearer \$$COPELF_TOKEN\" $$COPELF_SERVER/v1/agents"; \
+	echo "             $(BIN)/copelf agents;  $(BIN)/copelf runs ls;  $(BIN)/copelf queue"; \
 	wait $$cp
 
 .PHONY: test

@@ -152,6 +152,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, e env) in
 	}
 
 	err := cmd.Run(ctx)
+	a.closeIdle()
 	var ue usageError
 	var ce configError
 	var ee exitError
@@ -282,11 +283,18 @@ func (a *app) configure(server, token, config string, e env) error {
 	if !strings.HasPrefix(a.client.Server, "http://") && !strings.HasPrefix(a.client.Server, "https://") {
 		return fmt.Errorf("the server must be an http:// or https:// URL, not %q", a.client.Server)
 	}
-	a.client.HTTP = &http.Client{Timeout: 30 * time.Second}
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	tr.ResponseHeaderTimeout = 30 * time.Second
+	a.client.HTTP = &http.Client{Transport: tr, Timeout: 30 * time.Second}
 	a.client.Stream = &http.Client{Transport: tr}
 	return nil
+}
+
+// closeIdle closes the connections kept for reuse.
+func (a *app) closeIdle() {
+	if a.client.HTTP != nil {
+		a.client.HTTP.CloseIdleConnections()
+	}
 }
 
 // defaultConfigPath is $XDG_CONFIG_HOME/copelf/config.json, or

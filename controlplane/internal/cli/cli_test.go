@@ -358,7 +358,7 @@ func TestQueueAgentsAndIsolation(t *testing.T) {
 		if err := json.Unmarshal([]byte(r.stdout), &q); err != nil {
 			t.Fatalf("queue -o json: %v %s", err, r)
 		}
-		if q.Depth != 1 || len(q.Accounts) != 1 || q.Accounts[0].AccountID != a.ID || q.ByReason["no_agent_connected"] != 1 {
+		if q.total().Depth != 1 || len(q.Accounts) != 1 || q.Accounts[0].AccountID != a.ID || q.total().ByReason["no_agent_connected"] != 1 {
 			t.Errorf("a: queue -o json: %s", r.stdout)
 		}
 		r = copelf(t, s.as(b), "queue")

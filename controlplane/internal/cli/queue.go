@@ -2,7 +2,6 @@ package cli
 
 import (
 	"context"
-	"encoding/json"
 	"flag"
 	"fmt"
 	"net/url"
@@ -39,27 +38,31 @@ func (a *app) queueCommand() *ffcli.Command {
 
 func (a *app) printQueue(q *QueueView, queued []RunView) {
 	now := a.now()
+	total := q.total()
 	w := newTable(a.stdout)
-	fmt.Fprintf(w, "queued runs\t%d\n", q.Depth)
+	depth := fmt.Sprint(total.Depth)
+	if total.Assigned > 0 {
+		depth += fmt.Sprintf(" (%d assigned, not yet accepted)", total.Assigned)
+	}
+	fmt.Fprintf(w, "queued runs\t%s\n", depth)
 	oldest := "-"
-	if q.OldestQueuedAgeMs != nil {
-		oldest = ms(q.OldestQueuedAgeMs)
-		if q.OldestQueuedAt != nil {
-			oldest += " (since " + q.OldestQueuedAt.Format(time.RFC3339) + ")"
-		}
+	if total.Depth > 0 && total.OldestQueuedAgeMs != nil {
+		oldest = ms(total.OldestQueuedAgeMs)
 	}
 	fmt.Fprintf(w, "oldest\t%s\n", oldest)
-	fmt.Fprintf(w, "why\t%s\n", reasonsText(q.ByReason))
-	if stuck := stuckText(q.Stuck); stuck != "" {
-		fmt.Fprintf(w, "stuck\t%s\n", stuck)
-	}
+	fmt.Fprintf(w, "why\t%s\n", reasonsText(total.ByReason))
+	fmt.Fprintf(w, "stuck\t%s\n", stuckText(total.Stuck, q.StuckThresholdsMs))
 	w.Flush()
 	if len(q.Accounts) > 0 {
 		fmt.Fprintln(a.stdout, "\nper account")
 		w = newTable(a.stdout)
-		fmt.Fprintln(w, "  ACCOUNT\tQUEUED\tOLDEST\tWHY")
+		fmt.Fprintln(w, "  ACCOUNT\tQUEUED\tASSIGNED\tOLDEST\tWHY\tSTUCK")
 		for _, acc := range q.Accounts {
-			fmt.Fprintf(w, "  %s\t%d\t%s\t%s\n", acc.AccountID, acc.Depth, ms(acc.OldestQueuedAgeMs), reasonsText(acc.ByReason))
+			oldest := "-"
+			if acc.Depth > 0 {
+				oldest = ms(acc.OldestQueuedAgeMs)
+			}
+			fmt.Fprintf(w, "  %s\t%d\t%d\t%s\t%s\t%s\n", acc.AccountID, acc.Depth, acc.Assigned, oldest, reasonsText(acc.ByReason), stuckText(acc.Stuck, nil))
 		}
 		w.Flush()
 	}
@@ -81,43 +84,38 @@ func (a *app) printQueue(q *QueueView, queued []RunView) {
 	w.Flush()
 }
 
-// stuckText shows the queue's stuck report, whatever its shape: a number,
-// an object of counts, or a list of items.
-func stuckText(raw json.RawMessage) string {
-	if len(raw) == 0 || string(raw) == "null" {
-		return ""
+// stuckText is "queued 2 (over 5m00s), cancelling 1" or "none".
+func stuckText(stuck map[string]int, thresholds map[string]int64) string {
+	var parts []string
+	seen := map[string]bool{}
+	add := func(state string, n int) {
+		if n <= 0 {
+			return
+		}
+		p := fmt.Sprintf("%s %d", state, n)
+		if ms, ok := thresholds[state]; ok && ms > 0 {
+			p += " (over " + short(time.Duration(ms)*time.Millisecond) + ")"
+		}
+		parts = append(parts, p)
 	}
-	var counts map[string]json.RawMessage
-	if json.Unmarshal(raw, &counts) == nil {
-		keys := make([]string, 0, len(counts))
-		for k := range counts {
-			keys = append(keys, k)
-		}
-		sort.Strings(keys)
-		var parts []string
-		for _, k := range keys {
-			v := strings.TrimSpace(string(counts[k]))
-			var list []json.RawMessage
-			if json.Unmarshal(counts[k], &list) == nil {
-				v = fmt.Sprint(len(list))
-			}
-			if v != "0" && v != "[]" && v != "null" {
-				parts = append(parts, k+" "+clip(v, 40))
-			}
-		}
-		if len(parts) == 0 {
-			return "none"
-		}
-		return strings.Join(parts, ", ")
+	for _, st := range stuckStates {
+		seen[st] = true
+		add(st, stuck[st])
 	}
-	var list []json.RawMessage
-	if json.Unmarshal(raw, &list) == nil {
-		if len(list) == 0 {
-			return "none"
+	var other []string
+	for st := range stuck {
+		if !seen[st] {
+			other = append(other, st)
 		}
-		return fmt.Sprintf("%d", len(list))
 	}
-	return clip(string(raw), 60)
+	sort.Strings(other)
+	for _, st := range other {
+		add(st, stuck[st])
+	}
+	if len(parts) == 0 {
+		return "none"
+	}
+	return strings.Join(parts, ", ")
 }
 
 func (a *app) agentsCommand() *ffcli.Command {

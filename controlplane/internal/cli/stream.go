@@ -13,12 +13,11 @@ import (
 )
 
 // streamEnvelope is the data of a change event: {"id","type","accountId",
-// "at","data"} where data is the resource's API view.
+// "at","data"} where data is the resource's API view. Only the fields the
+// watches use are read (the server's id is a number, at a timestamp).
 type streamEnvelope struct {
-	ID        string          `json:"id"`
 	Type      string          `json:"type"`
 	AccountID string          `json:"accountId"`
-	At        time.Time       `json:"at"`
 	Data      json.RawMessage `json:"data"`
 }
 

@@ -161,21 +161,38 @@ type AgentView struct {
 	LastSeenAt  time.Time         `json:"lastSeenAt"`
 }
 
-// QueueView is GET /v1/queue.
-type QueueView struct {
+// QueueFigures are the queue's figures of one account, or their total.
+type QueueFigures struct {
+	AccountID         string         `json:"accountId"`
 	Depth             int            `json:"depth"`
-	OldestQueuedAt    *time.Time     `json:"oldestQueuedAt"`
+	Assigned          int            `json:"assigned"`
 	OldestQueuedAgeMs *int64         `json:"oldestQueuedAgeMs"`
 	ByReason          map[string]int `json:"byReason"`
-	Accounts          []struct {
-		AccountID         string         `json:"accountId"`
-		Depth             int            `json:"depth"`
-		OldestQueuedAgeMs *int64         `json:"oldestQueuedAgeMs"`
-		ByReason          map[string]int `json:"byReason"`
-	} `json:"accounts"`
-	// Stuck is what the server reports as stuck, shown as it comes.
-	Stuck json.RawMessage `json:"stuck"`
+	Stuck             map[string]int `json:"stuck"`
 }
+
+// QueueView is GET /v1/queue: per account and in total, with the stuck
+// thresholds. (A flat form, the figures at the top level as API.md §12
+// first drew it, is read too.)
+type QueueView struct {
+	At                time.Time        `json:"at"`
+	Accounts          []QueueFigures   `json:"accounts"`
+	Total             *QueueFigures    `json:"total"`
+	StuckThresholdsMs map[string]int64 `json:"stuckThresholdsMs"`
+	OldestQueuedAt    *time.Time       `json:"oldestQueuedAt"`
+	QueueFigures
+}
+
+// total is the figures of every listed account.
+func (q *QueueView) total() *QueueFigures {
+	if q.Total != nil {
+		return q.Total
+	}
+	return &q.QueueFigures
+}
+
+// stuckStates are the states the queue reports stuck runs in, in order.
+var stuckStates = []string{"queued", "assigned", "cancelling", "awaiting_approval", "analyzing"}
 
 // page is a list answer.
 type page[T any] struct {
@@ -198,7 +215,7 @@ func ago(now, t time.Time) string {
 	return short(now.Sub(t)) + " ago"
 }
 
-// short formats a duration compactly: 850ms, 12s, 3m04s, 2h05m, 3d04h.
+// short formats a duration compactly: 850ms, 1.33s, 12s, 3m04s, 2h05m, 3d04h.
 func short(d time.Duration) string {
 	if d < 0 {
 		d = 0
@@ -206,6 +223,8 @@ func short(d time.Duration) string {
 	switch {
 	case d < time.Second:
 		return fmt.Sprintf("%dms", d.Milliseconds())
+	case d < 10*time.Second:
+		return fmt.Sprintf("%.2fs", d.Seconds())
 	case d < time.Minute:
 		return fmt.Sprintf("%ds", int(d.Seconds()))
 	case d < time.Hour:

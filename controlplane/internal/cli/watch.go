@@ -28,6 +28,9 @@ type runWatch struct {
 	status protocol.RunStatus
 	detail string
 	steps  map[int]int
+	// running is the step whose "running" line is the last one printed
+	// (-1: none); on a terminal its end replaces that line.
+	running int
 }
 
 // progress orders views of one run: a view with less progress than the
@@ -86,6 +89,13 @@ func (w *runWatch) print(r *RunView) {
 			continue
 		}
 		w.steps[st.Index] = rank
+		if w.a.tty && rank == 2 && w.running == st.Index {
+			fmt.Fprint(out, "\x1b[1A\r\x1b[K") // over the step's running line
+		}
+		w.running = -1
+		if rank == 1 {
+			w.running = st.Index
+		}
 		line := fmt.Sprintf("  step %-2d %-9s %s", st.Index, st.Type, st.Status)
 		if st.DurationMs != nil {
 			line += " " + ms(st.DurationMs)
@@ -96,7 +106,7 @@ func (w *runWatch) print(r *RunView) {
 		fmt.Fprintln(out, line)
 	}
 	if r.Status != w.status || detail != w.detail {
-		w.status, w.detail = r.Status, detail
+		w.status, w.detail, w.running = r.Status, detail, -1
 		fmt.Fprintf(out, "  %s %s %s\n", r.ID, r.Status, detail)
 	}
 }
@@ -105,7 +115,7 @@ func (w *runWatch) print(r *RunView) {
 // the server sent it). It reads GET /v1/runs/{id}/events and falls back to
 // polling GET /v1/runs/{id} when the server has no such stream.
 func (a *app) watchRun(ctx context.Context, id string) (*RunView, json.RawMessage, error) {
-	w := &runWatch{a: a, id: id}
+	w := &runWatch{a: a, id: id, running: -1}
 	path := "/v1/runs/" + url.PathEscape(id)
 	get := func(ctx context.Context) (bool, error) {
 		raw, err := a.client.Do(ctx, "GET", path, nil, nil)
@@ -128,7 +138,7 @@ func (a *app) watchRun(ctx context.Context, id string) (*RunView, json.RawMessag
 			}
 			return w.apply(env.Data)
 		},
-		onCut: a.reportCut,
+		onCut: func(err error) { w.running = -1; a.reportCut(err) },
 	}
 	err := f.run(ctx)
 	if errors.Is(err, errNoStream) {
