@@ -96,6 +96,9 @@ func (s *DB) Close() error {
 func (s *DB) now() time.Time { return s.Now().UTC().Truncate(time.Millisecond) }
 
 func (s *DB) migrate(ctx context.Context) error {
+	if err := checkMigrations(migrationsFS); err != nil {
+		return err
+	}
 	if s.d.name == postgresDialect.name {
 		unlock, err := s.migrationLock(ctx)
 		if err != nil {
