@@ -173,11 +173,13 @@ func (c *Cluster) call(what, runID string, fn func(ctx context.Context) error) {
 		if runID != "" {
 			l = l.WithField("runId", runID)
 		}
-		l.Warn("cluster: acting on another replica's signal (" + what + ") failed")
-		if runID != "" {
-			// The next resync tries again.
-			c.resyncLater()
+		if c.listening.Load() {
+			l.Warn("cluster: acting on another replica's signal (" + what + ") failed")
+		} else {
+			// The database is away; the listener's log said so once.
+			l.Debug("cluster: " + what + " failed")
 		}
+		c.resyncLater() // the next poll tries again
 	}
 }
 
