@@ -920,3 +920,29 @@ func asJSON(t *testing.T, v any) string {
 	}
 	return string(b)
 }
+
+// TestEventsWithSessionCookie: the dashboard's session cookie opens the
+// streams and reads the queue, as a bearer token does.
+func TestEventsWithSessionCookie(t *testing.T) {
+	e := newLiveEnv(t, api.Config{})
+	const password = "cookie password 1"
+	email := "cookie@example.com"
+	u := e.post("/v1/users", e.Admin, map[string]any{"email": email, "password": password, "role": "member", "plan": "pro"})
+	expectStatus(t, u, http.StatusCreated)
+	expectStatus(t, e.post("/v1/accounts/"+u.Map(t)["id"].(string)+"/credits", e.Admin, map[string]any{"amount": 10, "reason": "test"}), http.StatusCreated)
+	sess := e.post("/v1/sessions", "", map[string]any{"email": email, "password": password})
+	expectStatus(t, sess, http.StatusCreated)
+	token := sess.Map(t)["token"].(string)
+	cookie := map[string]string{"Cookie": api.SessionCookie + "=" + token}
+	s := e.openStream("/v1/events?types=run", "", cookie)
+	wf := e.newWorkflow(token)
+	run := e.post("/v1/workflows/"+wf+"/runs", token, goodInputs()).Map(t)["id"].(string)
+	if ev := s.next(false); runOf(t, ev)["id"] != run {
+		t.Fatalf("cookie stream: %s", ev.Data)
+	}
+	expectStatus(t, e.do(request{Method: "GET", Path: "/v1/queue", Header: cookie}), http.StatusOK)
+	one := e.openStream("/v1/runs/"+run+"/events", "", cookie)
+	if ev := one.next(false); runOf(t, ev)["status"] != "queued" {
+		t.Fatalf("cookie run stream: %s", ev.Data)
+	}
+}

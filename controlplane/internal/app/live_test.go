@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 
+	"github.com/copelf/copelf/controlplane/internal/app"
 	"github.com/copelf/copelf/protocol"
 )
 
@@ -81,6 +82,9 @@ func (s *sse) event() (string, map[string]any) {
 				return typ, env.Data
 			}
 		case <-s.done:
+			if len(s.lines) > 0 {
+				continue // read what came before the end first
+			}
 			s.t.Fatal("the stream ended")
 		case <-timeout:
 			s.t.Fatal("no event in time")
@@ -278,4 +282,25 @@ func TestLiveRunThroughAgent(t *testing.T) {
 		t.Fatal(err)
 	}
 	all.ended()
+}
+
+// TestLiveFlags: the live settings are flags with COPELF_* twins; the
+// analyzing threshold defaults to -analysis-timeout; bad values are refused.
+func TestLiveFlags(t *testing.T) {
+	t.Setenv("COPELF_STUCK_APPROVAL", "90m")
+	t.Setenv("COPELF_EVENTS_RETENTION", "2h")
+	c, err := app.ParseConfig([]string{"-stuck-queued", "2m", "-sse-keepalive", "3s", "-analysis-timeout", "7m", "-metrics-addr", "127.0.0.1:9100"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.StuckQueued != 2*time.Minute || c.StuckApproval != 90*time.Minute || c.EventsRetention != 2*time.Hour || c.SSEKeepAlive != 3*time.Second ||
+		c.StuckAnalyzing != 7*time.Minute || c.StuckAssigned != time.Minute || c.StuckCancelling != time.Minute || c.EventsPoll != 500*time.Millisecond ||
+		c.MetricsAddr != "127.0.0.1:9100" {
+		t.Errorf("config %+v", c)
+	}
+	for _, args := range [][]string{{"-stuck-queued", "-1s"}, {"-events-poll", "0"}, {"-sse-keepalive", "0s"}, {"-events-retention", "-1h"}} {
+		if _, err := app.ParseConfig(args, io.Discard); err == nil {
+			t.Errorf("%v accepted", args)
+		}
+	}
 }
