@@ -18,6 +18,7 @@ import (
 	"github.com/copelf/copelf/controlplane/internal/api"
 	"github.com/copelf/copelf/controlplane/internal/billing"
 	"github.com/copelf/copelf/controlplane/internal/cluster"
+	"github.com/copelf/copelf/controlplane/internal/dashboard"
 	"github.com/copelf/copelf/controlplane/internal/events"
 	"github.com/copelf/copelf/controlplane/internal/hub"
 	"github.com/copelf/copelf/controlplane/internal/metrics"
@@ -78,6 +79,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer, ready fun
 	srv := api.New(st, log, api.Config{SessionTTL: cfg.SessionTTL, RunCost: cfg.RunCost, DataDir: cfg.DataDir,
 		Videos: videos, AnalysisTimeout: cfg.AnalysisTimeout,
 		Prices: bc.Prices, Stripe: bc.Stripe, WebhookSecret: bc.WebhookSecret,
+		SignInPerAccount: cfg.SignInPerAccount, SignInPerAddress: cfg.SignInPerAddress,
 		KeepAlive: cfg.SSEKeepAlive, Metrics: m, Stuck: store.StuckThresholds{Queued: cfg.StuckQueued, Assigned: cfg.StuckAssigned,
 			Cancelling: cfg.StuckCancelling, AwaitingApproval: cfg.StuckApproval, Analyzing: cfg.StuckAnalyzing}})
 	broker := events.New(st, log, events.Config{PollInterval: cfg.EventsPoll, Retention: cfg.EventsRetention})
@@ -104,6 +106,10 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer, ready fun
 	cl.Start(cluster.Receiver{Queued: h.Kick, RunChanged: h.Sync, ApprovalResolved: h.SyncApproval, EventsAppended: broker.Wake,
 		Resync: func(ctx context.Context) error { broker.Wake(); return h.Resync(ctx) }})
 	srv.Handle("/v1/agents/connect", h)
+	dash := dashboard.New()
+	for _, p := range dashboard.Patterns {
+		srv.Handle(p, dash)
+	}
 	// The analysis reaper runs on every replica: each pass is one guarded
 	// UPDATE, and the first fails the analyses a stopped server left behind.
 	reaperCtx, stopReaper := context.WithCancel(ctx)

@@ -7,10 +7,13 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/peterbourgon/ff/v3"
+
+	"github.com/copelf/copelf/controlplane/internal/api"
 )
 
 // Config is every setting of copelfd. Each flag has an environment twin:
@@ -34,6 +37,8 @@ type Config struct {
 	LogLevel        string
 	LogFormat       string
 	ShutdownTimeout time.Duration
+	// SignInPerAccount and SignInPerAddress bound sign-in attempts.
+	SignInPerAccount, SignInPerAddress api.RateLimit
 
 	// Stuck thresholds (GET /v1/queue, metrics): how long work may stay
 	// queued, assigned but not accepted, cancelling, awaiting approval or
@@ -72,6 +77,9 @@ func ParseConfig(args []string, usage io.Writer) (Config, error) {
 	fs.StringVar(&c.LogLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.StringVar(&c.LogFormat, "log-format", "auto", "log format: auto (text on a terminal, JSON otherwise), text, json")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 15*time.Second, "grace period for in-flight requests on SIGTERM")
+	c.SignInPerAccount, c.SignInPerAddress = api.DefaultSignInPerAccount, api.DefaultSignInPerAddress
+	fs.Var((*rateFlag)(&c.SignInPerAccount), "signin-limit-account", "sign-in attempts per account (email): N at once, then one per duration, as N/duration")
+	fs.Var((*rateFlag)(&c.SignInPerAddress), "signin-limit-address", "sign-in attempts per client address, as N/duration")
 	fs.DurationVar(&c.StuckQueued, "stuck-queued", 5*time.Minute, "a run queued longer than this counts as stuck (0: never)")
 	fs.DurationVar(&c.StuckAssigned, "stuck-assigned", time.Minute, "a run assigned to an agent and not accepted for longer than this counts as stuck (0: never)")
 	fs.DurationVar(&c.StuckCancelling, "stuck-cancelling", time.Minute, "a run still running this long after its cancel counts as stuck (0: never)")
@@ -111,4 +119,29 @@ func ParseConfig(args []string, usage io.Writer) (Config, error) {
 		c.StuckAnalyzing = c.AnalysisTimeout
 	}
 	return c, nil
+}
+
+// rateFlag reads a rate limit written N/duration: N at once, then one per
+// duration ("10/6s").
+type rateFlag api.RateLimit
+
+func (f *rateFlag) String() string {
+	if f == nil || f.Burst == 0 {
+		return ""
+	}
+	return fmt.Sprintf("%d/%s", f.Burst, f.Every)
+}
+
+func (f *rateFlag) Set(s string) error {
+	n, d, ok := strings.Cut(s, "/")
+	burst, err := strconv.Atoi(n)
+	if !ok || err != nil || burst < 1 {
+		return fmt.Errorf("want N/duration with N ≥ 1, such as 10/6s")
+	}
+	every, err := time.ParseDuration(d)
+	if err != nil || every <= 0 {
+		return fmt.Errorf("want N/duration with a positive duration, such as 10/6s")
+	}
+	*f = rateFlag{Burst: burst, Every: every}
+	return nil
 }
