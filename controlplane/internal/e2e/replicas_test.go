@@ -42,7 +42,12 @@ type replica struct {
 // admin token and one data directory (artifacts are shared storage).
 func startReplicas(t *testing.T, n int, extra ...string) []*replica {
 	t.Helper()
-	dsn := pgtest.Database(t)
+	return startReplicasOn(t, pgtest.Database(t), n, extra...)
+}
+
+// startReplicasOn starts n copelfd on the database at dsn.
+func startReplicasOn(t *testing.T, dsn string, n int, extra ...string) []*replica {
+	t.Helper()
 	bin := binary(t, "copelfd")
 	admin := fmt.Sprintf("copelf_api_e2e-admin-%d", time.Now().UnixNano())
 	data := filepath.Join(t.TempDir(), "data")
@@ -597,5 +602,82 @@ func TestReplicasEvents(t *testing.T) {
 		case <-deadline:
 			t.Fatal("B's event stream did not show the run succeeded within 30s (its poll is a minute)")
 		}
+	}
+}
+
+// TestReplicasDatabaseOutage: the database unreachable for every replica
+// (connections reset, new ones refused) with a run in flight: the API
+// answers typed 5xx envelopes (internal, database_unavailable, Retry-After)
+// and the agent's report is refused, not lost; when the database is back,
+// everything resumes by itself — the agent's report applies once, a run
+// created through B reaches the agent on A, and nothing is charged twice.
+func TestReplicasDatabaseOutage(t *testing.T) {
+	dsn := pgtest.Database(t)
+	proxy := pgtest.NewProxy(t)
+	rs := startReplicasOn(t, proxy.URL(dsn), 2)
+	a, b := rs[0], rs[1]
+	_, token, agentToken := a.account(t, 10)
+	ag := dialAgent(t, a.URL, agentToken, "noop-a", 1)
+	wf1 := a.workflow(t, token, "first", noopDef)
+	wf2 := a.workflow(t, token, "second", noopDef)
+	run1 := b.runWorkflow(t, token, wf1, nil)
+	as := expectFrame[*protocol.Assign](ag)
+	ag.start(as)
+
+	proxy.Cut()
+	for _, r := range rs {
+		res, body := r.raw(t, "GET", "/v1/runs/"+run1, token)
+		var e protocol.Error
+		_ = json.Unmarshal(body, &e)
+		if res.StatusCode != 500 || e.Code != protocol.CodeInternal || e.Details["reason"] != "database_unavailable" ||
+			e.RequestID == "" || res.Header.Get("Retry-After") == "" {
+			t.Fatalf("GET a run on %s during the outage: %d %s", r.name, res.StatusCode, body)
+		}
+	}
+	if st, body := b.try(t, "POST", "/v1/workflows/"+wf2+"/runs", token, map[string]any{"inputs": map[string]any{}}); st != 500 || body["code"] != "internal" {
+		t.Fatalf("POST a run during the outage: %d %v", st, body)
+	}
+	// The agent's report cannot be stored: an error, no ack.
+	ag.send(&protocol.Event{RunID: as.RunID, LeaseID: as.LeaseID, Seq: 2, Kind: protocol.EventFinished, Status: "succeeded"})
+	if f := expectFrame[*protocol.ErrorFrame](ag); f.Code != protocol.CodeInternal {
+		t.Fatalf("report during the outage: %+v", f)
+	}
+
+	proxy.Restore(t)
+	// The agent resends its report (as the real agent does after an error).
+	eventually(t, 60*time.Second, "the report applied after the outage", func() (bool, string) {
+		ag.send(&protocol.Event{RunID: as.RunID, LeaseID: as.LeaseID, Seq: 2, Kind: protocol.EventFinished, Status: "succeeded"})
+		switch f := ag.next().f.(type) {
+		case *protocol.Ack:
+			return f.RunID == run1 && f.Seq == 2, ""
+		case *protocol.ErrorFrame:
+			return false, f.Message
+		default:
+			return false, fmt.Sprintf("%T", f)
+		}
+	})
+	var run2 string
+	eventually(t, 60*time.Second, "a run created through B after the outage", func() (bool, string) {
+		st, body := b.try(t, "POST", "/v1/workflows/"+wf2+"/runs", token, map[string]any{"inputs": map[string]any{}})
+		if st == 201 {
+			run2 = body["id"].(string)
+		}
+		return st == 201, fmt.Sprint(st, body["code"])
+	})
+	as2 := expectFrame[*protocol.Assign](ag)
+	if as2.RunID != run2 {
+		t.Fatalf("assigned %s, want %s", as2.RunID, run2)
+	}
+	ag.start(as2)
+	ag.report(as2, 2, protocol.Event{Kind: protocol.EventFinished, Status: "succeeded"})
+	for _, id := range []string{run1, run2} {
+		run := a.waitRun(t, token, id, 30*time.Second)
+		if run["status"] != "succeeded" {
+			t.Fatalf("run %s after the outage: %v", id, run)
+		}
+		chargedOnce(t, a.server, token, run)
+	}
+	if c := b.credits(t, token); c.Balance != 8 || c.Held != 0 {
+		t.Errorf("credits after the outage: %+v", c)
 	}
 }
