@@ -139,8 +139,12 @@ func (s *Server) getArtifact(w http.ResponseWriter, r *http.Request) error {
 	defer f.Close()
 	w.Header().Set("Content-Type", a.ContentType)
 	w.Header().Set("X-Content-Type-Options", "nosniff")
+	// An artifact is whatever an agent uploaded: on the dashboard's origin
+	// it must never run script. Only raster images are shown inline; all
+	// else (SVG and HTML included) downloads, and neither may script.
+	w.Header().Set("Content-Security-Policy", "sandbox; default-src 'none'; img-src 'self'; style-src 'unsafe-inline'")
 	w.Header().Set("ETag", `"`+a.SHA256+`"`)
-	if !strings.HasPrefix(a.ContentType, "image/") {
+	if !inlineArtifact(a.ContentType) {
 		w.Header().Set("Content-Disposition", fmt.Sprintf("attachment; filename=%q", a.Name))
 	}
 	// Range and conditional requests are honoured; their failures are
@@ -181,4 +185,15 @@ func (g *failureGuard) Write(b []byte) (int, error) {
 		return len(b), nil
 	}
 	return g.ResponseWriter.Write(b)
+}
+
+// inlineArtifact reports a content type a browser may show in place: the
+// raster image formats, which carry no script.
+func inlineArtifact(contentType string) bool {
+	mt, _, _ := strings.Cut(strings.ToLower(contentType), ";")
+	switch strings.TrimSpace(mt) {
+	case "image/png", "image/jpeg", "image/gif", "image/webp":
+		return true
+	}
+	return false
 }

@@ -49,6 +49,25 @@ func TestArtifacts(t *testing.T) {
 		t.Fatalf("download: %d, %d bytes, %s", got.status, len(got.raw), got.header.Get("Content-Type"))
 	}
 
+	if got.header.Get("Content-Disposition") != "" || !strings.Contains(got.header.Get("Content-Security-Policy"), "sandbox") {
+		t.Fatalf("a PNG is shown inline under a sandbox CSP: %v", got.header)
+	}
+
+	t.Run("script-bearing types download, sandboxed", func(t *testing.T) {
+		for name, ct := range map[string]string{"x.svg": "image/svg+xml", "x.html": "text/html; charset=utf-8"} {
+			h := http.Header{"Content-Type": {ct}, api.LeaseHeader: {a.LeaseID}}
+			body := []byte(`<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>`)
+			if res := e.do("PUT", "/v1/runs/"+run+"/artifacts/"+name, e.agent, body, h); res.status != http.StatusCreated {
+				t.Fatalf("upload %s: %d %s", name, res.status, res.raw)
+			}
+			got := e.do("GET", "/v1/runs/"+run+"/artifacts/"+name, e.token, nil, nil)
+			if got.status != http.StatusOK || !strings.HasPrefix(got.header.Get("Content-Disposition"), "attachment") ||
+				!strings.Contains(got.header.Get("Content-Security-Policy"), "sandbox") || got.header.Get("X-Content-Type-Options") != "nosniff" {
+				t.Fatalf("%s served as %d with %v", name, got.status, got.header)
+			}
+		}
+	})
+
 	t.Run("wrong lease", func(t *testing.T) {
 		res := put(e.agent, "lse_aaaaaaaaaaaaaaaaaaaaaaaaaa", "x.png", png)
 		wantEnvelope(t, res, http.StatusConflict, protocol.CodeConflict)
@@ -101,7 +120,7 @@ func TestArtifacts(t *testing.T) {
 		}
 	})
 	list = e.get("/v1/runs/" + run + "/artifacts")
-	if items, _ := list["items"].([]any); len(items) != 1 {
+	if items, _ := list["items"].([]any); len(items) != 3 {
 		t.Fatalf("refused uploads were stored: %v", list)
 	}
 	c.finish(a, protocol.RunSucceeded)
