@@ -33,6 +33,11 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 			// The client went away mid-request (an agent dropping an
 			// upload): nothing failed here, and nobody reads the answer.
 			log.Info("request abandoned by the client")
+		case invalidText(s.store, err):
+			// A NUL character in a path or a query, which PostgreSQL's
+			// text cannot hold (writes say so themselves).
+			log.Info("text the database cannot hold")
+			e = protocol.Errorf(protocol.CodeBadRequest, "The request holds text that cannot be stored (a NUL character).").With("reason", "invalid_text")
 		case databaseUnavailable(s.store, err):
 			// The database server is down or restarting: the request may
 			// succeed when retried, and the store reconnects by itself.
@@ -63,6 +68,13 @@ const ReasonDatabaseUnavailable = "database_unavailable"
 func databaseUnavailable(st any, err error) bool {
 	u, ok := st.(interface{ Unavailable(error) bool })
 	return ok && u.Unavailable(err)
+}
+
+// invalidText reports whether the store says err is its database refusing
+// a text value of the request (sqlstore.DB.InvalidText).
+func invalidText(st any, err error) bool {
+	u, ok := st.(interface{ InvalidText(error) bool })
+	return ok && u.InvalidText(err)
 }
 
 // badRequest is a bad_request with details.fields.

@@ -71,3 +71,39 @@ func TestDatabaseUnavailable(t *testing.T) {
 	expectStatus(t, e.get("/v1/me", token), 200)
 	expectStatus(t, e.get("/v1/workflows", token), 200)
 }
+
+// PostgreSQL's text cannot hold a NUL character: a lookup by such a value
+// finds nothing, as on SQLite, a write of one is bad_request (reason
+// invalid_text), and neither is an internal error.
+func TestPostgresNULInRequest(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	st, err := sqlstore.Open(ctx, pgtest.Schema(t, pgtest.Database(t)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	log, hook := test.NewNullLogger()
+	srv := api.New(st, log, api.Config{RunCost: 1})
+	hs := httptest.NewServer(srv)
+	t.Cleanup(hs.Close)
+	e := &env{t: t, Store: st, API: srv, Server: hs, Logs: hook}
+	u, err := st.UserCreate(ctx, store.UserCreateParams{Email: "nul@example.com", PasswordHash: "x", Role: store.RoleMember, Plan: store.PlanPro})
+	if err != nil {
+		t.Fatal(err)
+	}
+	token, err := api.CreateToken(ctx, st, u.ID, store.TokenAPI, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	expectError(t, e.get("/v1/workflows/wf_%00", token), protocol.CodeWorkflowNotFound)
+	expectError(t, e.get("/v1/runs/run_%00", token), protocol.CodeNotFound)
+	for _, r := range []*response{
+		e.post("/v1/workflows", token, map[string]any{"name": "a\x00b", "definition": map[string]any{"version": 1, "variables": []any{}, "steps": []any{map[string]any{"type": "navigate", "url": "about:blank"}}}}),
+	} {
+		env := expectError(t, r, protocol.CodeBadRequest)
+		if env.Details["reason"] != "invalid_text" {
+			t.Errorf("%s %s: details %v, want reason invalid_text", r.Request.Method, r.Request.URL.Path, env.Details)
+		}
+	}
+}

@@ -247,9 +247,11 @@ func nullString(s string) any {
 	return s
 }
 
-// notFound maps sql.ErrNoRows to the given catalog code.
+// notFound maps sql.ErrNoRows to the given catalog code, and a lookup by a
+// value the database cannot hold (PostgreSQL: a NUL character), which no
+// row can match.
 func notFound(err error, code protocol.Code) error {
-	if errors.Is(err, sql.ErrNoRows) {
+	if errors.Is(err, sql.ErrNoRows) || badText(err) {
 		return protocol.NewError(code)
 	}
 	return err

@@ -23,6 +23,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/stdlib"
+
+	"github.com/copelf/copelf/protocol"
 )
 
 // PostgreSQL runs the same body of SQL as SQLite, through pgx's database/sql
@@ -183,6 +185,14 @@ func (s *DB) Unavailable(err error) bool {
 	return s.d.unavailable != nil && s.d.unavailable(err)
 }
 
+// InvalidText reports whether err is the database refusing a text value the
+// caller gave: PostgreSQL's text cannot hold a NUL character (SQLite's can).
+// Writes answer bad_request for it themselves (pgBadText), and a lookup by
+// such a value finds nothing (notFound); this covers the other reads.
+func (s *DB) InvalidText(err error) bool {
+	return badText(err)
+}
+
 // maxTxAttempts bounds how often retryTx runs a transaction.
 const maxTxAttempts = 8
 
@@ -193,7 +203,7 @@ func (s *DB) retryTx(ctx context.Context, fn func(*sql.Tx) error) error {
 	for attempt := 1; ; attempt++ {
 		err := s.txOnce(ctx, fn)
 		if err == nil || attempt == maxTxAttempts || !s.d.retry(err) {
-			return err
+			return pgBadText(err)
 		}
 		// A short random pause, growing with the attempts, so that the
 		// transactions that collided do not collide again.
@@ -235,9 +245,29 @@ func (s *DB) execRetry(ctx context.Context, run func() (sql.Result, error)) (sql
 	for attempt := 1; ; attempt++ {
 		res, err := run()
 		if err == nil || s.d.retry == nil || attempt == maxTxAttempts || !s.d.retry(err) || ctx.Err() != nil {
-			return res, err
+			return res, pgBadText(err)
 		}
 	}
+}
+
+// pgBadText turns PostgreSQL's refusal of a text value (a NUL character,
+// which SQLite stores and PostgreSQL's text cannot hold) into the
+// bad_request it is: the input, not the server, is at fault.
+func pgBadText(err error) error {
+	if badText(err) {
+		return protocol.Errorf(protocol.CodeBadRequest, "The request holds text that cannot be stored (a NUL character).").With("reason", "invalid_text")
+	}
+	return err
+}
+
+// badText reports PostgreSQL's refusal of a text value:
+// character_not_in_repertoire or untranslatable_character.
+func badText(err error) bool {
+	switch pgCode(err) {
+	case "22021", "22P05":
+		return true
+	}
+	return false
 }
 
 // rebinds caches rebound queries: the store's queries are a fixed set,

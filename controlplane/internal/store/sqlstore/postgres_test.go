@@ -353,3 +353,36 @@ func TestPostgresDataSurvivesReopen(t *testing.T) {
 		t.Errorf("RunCreate after reopen = %v, want workflow_already_running", err)
 	}
 }
+
+// Text PostgreSQL cannot hold (a NUL character; SQLite stores it) is the
+// caller's bad_request, not an internal error, on the paths with and
+// without a transaction.
+func TestPostgresNULText(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	db := openPG(t, pgtest.Schema(t, pgtest.Database(t)))
+	_, err := db.UserCreate(ctx, store.UserCreateParams{Email: "nul\x00@example.com", PasswordHash: "h", Role: store.RoleMember, Plan: store.PlanFree})
+	if code := protocol.ErrorCode(err); code != protocol.CodeBadRequest {
+		t.Errorf("UserCreate with a NUL: %v, want bad_request", err)
+	}
+	u, err := db.UserCreate(ctx, store.UserCreateParams{Email: "nul@example.com", PasswordHash: "h", Role: store.RoleMember, Plan: store.PlanFree})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = db.WorkflowCreate(ctx, store.WorkflowCreateParams{AccountID: u.ID, Name: "a\x00b", Status: protocol.WorkflowReady, Definition: []byte(storetest.Definition)})
+	if code := protocol.ErrorCode(err); code != protocol.CodeBadRequest {
+		t.Errorf("WorkflowCreate with a NUL: %v, want bad_request", err)
+	}
+	// JSON documents escape it and are stored as they are.
+	wf, err := db.WorkflowCreate(ctx, store.WorkflowCreateParams{AccountID: u.ID, Name: "wf", Status: protocol.WorkflowReady, Definition: []byte(storetest.Definition)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := db.RunCreate(ctx, store.RunCreateParams{AccountID: u.ID, WorkflowID: wf.ID, Inputs: map[string]any{"a": "x\x00y"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := db.RunGet(ctx, r.ID); err != nil || got.Inputs["a"] != "x\x00y" {
+		t.Errorf("run inputs with a NUL: %v, %v", got, err)
+	}
+}
