@@ -60,7 +60,7 @@ bench: ## print every benchmark figure of the README (API, dispatch, agents, bro
 	@echo "== run lifecycles/s, no-op agents over real websockets (goal ≥ 5,000/s)"
 	$(GO) test -run='^$$' -bench=BenchmarkLifecycles -benchtime=5000x ./controlplane/internal/hub/
 	@echo "== the same run lifecycles/s on PostgreSQL (COPELF_TEST_POSTGRES; a fresh database, default durability)"
-	COPELF_BENCH_DB=postgres $(GO) test -run='^$$' -bench=BenchmarkLifecycles -benchtime=5000x ./controlplane/internal/hub/
+	COPELF_BENCH_DB=postgres $(GO) test -run='^$$' -bench=BenchmarkLifecycles -benchtime=5000x -timeout 40m ./controlplane/internal/hub/
 	@echo "== several replicas on one PostgreSQL database: dispatch latency, commit of a run on replica B → assign read by an idle agent on A, beside the same replica (goal p99 ≤ 10 ms)"
 	$(GO) test -run='^$$' -bench=BenchmarkCrossReplicaDispatch -benchtime=1000x ./controlplane/internal/cluster/
 	@echo "== run lifecycles/s, 32 no-op agents: SQLite, PostgreSQL with 1 replica, with 2 replicas (goal ≥ 3,000/s on PostgreSQL)"
