@@ -23,9 +23,13 @@ type bg struct {
 }
 
 func startBG(e cliEnv, tty int, args ...string) *bg {
+	return startBGCtx(context.Background(), e, tty, args...)
+}
+
+func startBGCtx(ctx context.Context, e cliEnv, tty int, args ...string) *bg {
 	b := &bg{out: &syncBuffer{}, err: &syncBuffer{}, done: make(chan int, 1)}
 	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*wait)
+		ctx, cancel := context.WithTimeout(ctx, 2*wait)
 		defer cancel()
 		b.done <- run(ctx, args, b.out, b.err, env{getenv: e.getenv, tty: tty})
 	}()
@@ -33,7 +37,7 @@ func startBG(e cliEnv, tty int, args ...string) *bg {
 }
 
 // waitOutput waits until the command has printed s.
-func (b *bg) waitOutput(t *testing.T, s string) {
+func (b *bg) waitOutput(t testing.TB, s string) {
 	t.Helper()
 	deadline := time.Now().Add(wait)
 	tick := time.NewTicker(10 * time.Millisecond)
@@ -55,7 +59,7 @@ func (b *bg) waitOutput(t *testing.T, s string) {
 }
 
 // result waits for the command's end.
-func (b *bg) result(t *testing.T) result {
+func (b *bg) result(t testing.TB) result {
 	t.Helper()
 	select {
 	case code := <-b.done:
@@ -66,14 +70,14 @@ func (b *bg) result(t *testing.T) result {
 	return result{}
 }
 
-func wantExit(t *testing.T, r result, code int) {
+func wantExit(t testing.TB, r result, code int) {
 	t.Helper()
 	if r.code != code {
 		t.Fatalf("want exit %d, got %s", code, r)
 	}
 }
 
-func wantContains(t *testing.T, what, s string, subs ...string) {
+func wantContains(t testing.TB, what, s string, subs ...string) {
 	t.Helper()
 	for _, sub := range subs {
 		if !strings.Contains(s, sub) {
@@ -82,7 +86,7 @@ func wantContains(t *testing.T, what, s string, subs ...string) {
 	}
 }
 
-func wantMatch(t *testing.T, what, s string, patterns ...string) {
+func wantMatch(t testing.TB, what, s string, patterns ...string) {
 	t.Helper()
 	for _, p := range patterns {
 		if !regexp.MustCompile(p).MatchString(s) {
@@ -91,7 +95,7 @@ func wantMatch(t *testing.T, what, s string, patterns ...string) {
 	}
 }
 
-func wantNotContains(t *testing.T, what, s string, subs ...string) {
+func wantNotContains(t testing.TB, what, s string, subs ...string) {
 	t.Helper()
 	for _, sub := range subs {
 		if strings.Contains(s, sub) {
@@ -101,7 +105,7 @@ func wantNotContains(t *testing.T, what, s string, subs ...string) {
 }
 
 // wantSameJSON: -o json prints the API's answer as it came.
-func wantSameJSON(t *testing.T, got string, api []byte) {
+func wantSameJSON(t testing.TB, got string, api []byte) {
 	t.Helper()
 	if strings.TrimRight(got, "\n") != strings.TrimRight(string(api), "\n") {
 		t.Errorf("-o json is not the API's answer:\ngot: %s\napi: %s", got, api)
@@ -188,6 +192,17 @@ func TestRunsCreateGetListCancel(t *testing.T) {
 		}
 		r = copelf(t, s.as(b), "runs", "watch", queued)
 		wantExit(t, r, ExitCancelled)
+
+		// The same as JSON: the API's answers.
+		r = copelf(t, s.as(b), "runs", "create", "-o", "json", wf)
+		wantExit(t, r, ExitOK)
+		var created RunView
+		if err := json.Unmarshal([]byte(r.stdout), &created); err != nil || created.Status != protocol.RunQueued || created.WorkflowID != wf {
+			t.Fatalf("runs create -o json: %v %s", err, r)
+		}
+		r = copelf(t, s.as(b), "runs", "cancel", created.ID, "-o", "json")
+		wantExit(t, r, ExitOK)
+		wantSameJSON(t, r.stdout, s.call(t, "GET", "/v1/runs/"+created.ID, b.Token, nil, 200))
 	})
 }
 
@@ -258,6 +273,28 @@ func TestRunsWatchEndsWithTheRun(t *testing.T) {
 		r = copelf(t, s.as(a), "approvals", "ls", "-status", "rejected")
 		wantExit(t, r, ExitOK)
 		wantContains(t, "approvals ls -status rejected", r.stdout, apr, "rejected", "too expensive")
+	})
+	t.Run("approve -o json", func(t *testing.T) {
+		id := s.createRun(t, a, s.workflow(t, a, true), nil)
+		apr := s.pendingApproval(t, a, id)
+		r := copelf(t, s.as(a), "approvals", "approve", "-o", "json", "-comment", "ok", apr)
+		wantExit(t, r, ExitOK)
+		wantSameJSON(t, r.stdout, s.call(t, "GET", "/v1/approvals/"+apr, a.Token, nil, 200))
+		wantContains(t, "approve -o json", r.stdout, `"status":"approved"`, `"comment":"ok"`)
+		r = copelf(t, s.as(a), "runs", "watch", id)
+		wantExit(t, r, ExitOK)
+	})
+	t.Run("interrupted", func(t *testing.T) {
+		id := s.createRun(t, a, s.workflow(t, a, false), map[string]any{"outcome": "hang"})
+		t.Cleanup(func() { copelf(t, s.as(a), "runs", "cancel", id) })
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		w := startBGCtx(ctx, s.as(a), -1, "runs", "watch", id)
+		w.waitOutput(t, "step 0  navigate  running")
+		cancel()
+		res := w.result(t)
+		wantExit(t, res, ExitInterrupted)
+		wantContains(t, "stderr", res.stderr, "interrupted")
 	})
 	t.Run("cancelled", func(t *testing.T) {
 		id := s.createRun(t, a, s.workflow(t, a, false), map[string]any{"outcome": "hang"})
@@ -372,7 +409,7 @@ func TestQueueAgentsAndIsolation(t *testing.T) {
 }
 
 // batch makes a batch of iterations with these outcomes.
-func (s *server) batch(t *testing.T, a *account, wf string, concurrency int, outcomes ...string) string {
+func (s *server) batch(t testing.TB, a *account, wf string, concurrency int, outcomes ...string) string {
 	t.Helper()
 	its := make([]map[string]any, len(outcomes))
 	for i, o := range outcomes {

@@ -75,7 +75,7 @@ func (s *syncBuffer) String() string {
 }
 
 // controlPlane starts the shared copelfd on first use.
-func controlPlane(t *testing.T) *server {
+func controlPlane(t testing.TB) *server {
 	t.Helper()
 	s := shared
 	s.once.Do(func() {
@@ -128,7 +128,7 @@ func (s *server) stop() {
 }
 
 // httpClient closes its idle connections when the test ends (goleak).
-func httpClient(t *testing.T) *http.Client {
+func httpClient(t testing.TB) *http.Client {
 	tr := &http.Transport{}
 	t.Cleanup(tr.CloseIdleConnections)
 	return &http.Client{Transport: tr, Timeout: wait}
@@ -136,7 +136,7 @@ func httpClient(t *testing.T) *http.Client {
 
 // call makes an API request; it fails the test unless the status is want.
 // It returns the raw answer.
-func (s *server) call(t *testing.T, method, path, token string, body any, want int) []byte {
+func (s *server) call(t testing.TB, method, path, token string, body any, want int) []byte {
 	t.Helper()
 	var rd io.Reader
 	if body != nil {
@@ -172,7 +172,7 @@ func (s *server) call(t *testing.T, method, path, token string, body any, want i
 }
 
 // obj calls and decodes a JSON object.
-func (s *server) obj(t *testing.T, method, path, token string, body any, want int) map[string]any {
+func (s *server) obj(t testing.TB, method, path, token string, body any, want int) map[string]any {
 	t.Helper()
 	var out map[string]any
 	if err := json.Unmarshal(s.call(t, method, path, token, body, want), &out); err != nil {
@@ -188,7 +188,7 @@ type account struct {
 
 // newAccount makes a user (role member|operator, plan free|pro) with 100
 // credits.
-func (s *server) newAccount(t *testing.T, role, plan string) *account {
+func (s *server) newAccount(t testing.TB, role, plan string) *account {
 	t.Helper()
 	email := fmt.Sprintf("cli-%d-%d@example.com", time.Now().UnixNano(), s.counter.Add(1))
 	u := s.obj(t, "POST", "/v1/users", s.Admin, map[string]any{"email": email, "password": "password1", "role": role, "plan": plan}, 201)
@@ -203,7 +203,7 @@ func (s *server) newAccount(t *testing.T, role, plan string) *account {
 // workflow makes a ready workflow whose steps are navigate, approval (when
 // withApproval) and extract; the input "outcome" tells the test agent how
 // the run ends.
-func (s *server) workflow(t *testing.T, a *account, withApproval bool) string {
+func (s *server) workflow(t testing.TB, a *account, withApproval bool) string {
 	t.Helper()
 	steps := []map[string]any{{"type": "navigate", "url": "http://127.0.0.1:1/"}}
 	if withApproval {
@@ -223,13 +223,13 @@ func (s *server) workflow(t *testing.T, a *account, withApproval bool) string {
 }
 
 // createRun queues a run and returns its id.
-func (s *server) createRun(t *testing.T, a *account, wf string, inputs map[string]any) string {
+func (s *server) createRun(t testing.TB, a *account, wf string, inputs map[string]any) string {
 	t.Helper()
 	return s.obj(t, "POST", "/v1/workflows/"+wf+"/runs", a.Token, map[string]any{"inputs": inputs}, 201)["id"].(string)
 }
 
 // waitRun polls a run until cond holds (an event wait with a deadline).
-func (s *server) waitRun(t *testing.T, a *account, id, what string, cond func(r *RunView) bool) *RunView {
+func (s *server) waitRun(t testing.TB, a *account, id, what string, cond func(r *RunView) bool) *RunView {
 	t.Helper()
 	deadline := time.Now().Add(wait)
 	tick := time.NewTicker(20 * time.Millisecond)
@@ -250,7 +250,7 @@ func (s *server) waitRun(t *testing.T, a *account, id, what string, cond func(r 
 }
 
 // pendingApproval waits for the run's pending approval and returns its id.
-func (s *server) pendingApproval(t *testing.T, a *account, runID string) string {
+func (s *server) pendingApproval(t testing.TB, a *account, runID string) string {
 	t.Helper()
 	s.waitRun(t, a, runID, "awaiting approval", func(r *RunView) bool { return r.Status == protocol.RunAwaitingApproval })
 	var p page[ApprovalView]
@@ -287,12 +287,12 @@ func (s *server) as(a *account) cliEnv {
 }
 
 // copelf runs the CLI with env and args (stdout is not a terminal).
-func copelf(t *testing.T, e cliEnv, args ...string) result {
+func copelf(t testing.TB, e cliEnv, args ...string) result {
 	t.Helper()
 	return copelfCtx(context.Background(), t, e, -1, args...)
 }
 
-func copelfCtx(ctx context.Context, t *testing.T, e cliEnv, tty int, args ...string) result {
+func copelfCtx(ctx context.Context, t testing.TB, e cliEnv, tty int, args ...string) result {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(ctx, 2*wait)
 	defer cancel()
@@ -308,7 +308,7 @@ func copelfCtx(ctx context.Context, t *testing.T, e cliEnv, tty int, args ...str
 // timed_out, or hang (until cancelled). Approval steps wait for the
 // decision; gate holds a run after its first step until released.
 type testAgent struct {
-	t    *testing.T
+	t    testing.TB
 	ws   *websocket.Conn
 	ID   string // the server's agt_ id
 	done chan struct{}
@@ -325,7 +325,7 @@ type agentRun struct {
 }
 
 // connectAgent connects an agent of account a with slots.
-func (s *server) connectAgent(t *testing.T, a *account, name string, slots int) *testAgent {
+func (s *server) connectAgent(t testing.TB, a *account, name string, slots int) *testAgent {
 	t.Helper()
 	d := websocket.Dialer{Subprotocols: []string{protocol.Subprotocol}, HandshakeTimeout: wait}
 	ws, res, err := d.Dial("ws"+strings.TrimPrefix(s.URL, "http")+"/v1/agents/connect", nil)

@@ -38,7 +38,10 @@ type SSEEvent struct {
 // line dispatches the event, unless it has no data; an event cut by the end
 // of the stream is not dispatched.
 type SSEReader struct {
-	br      *bufio.Reader
+	br *bufio.Reader
+	// maxLine and maxEvent are the limits (maxSSELine, maxSSEEvent).
+	maxLine, maxEvent int
+
 	line    []byte
 	skipLF  bool // the last line ended with CR: a following LF belongs to it
 	started bool // the BOM check is done
@@ -53,7 +56,7 @@ type SSEReader struct {
 
 // NewSSEReader reads events from r.
 func NewSSEReader(r io.Reader) *SSEReader {
-	return &SSEReader{br: bufio.NewReaderSize(r, 32<<10)}
+	return &SSEReader{br: bufio.NewReaderSize(r, 32<<10), maxLine: maxSSELine, maxEvent: maxSSEEvent}
 }
 
 // LastEventID is the ID to send as Last-Event-ID when reconnecting.
@@ -90,7 +93,7 @@ func (r *SSEReader) Next() (SSEEvent, error) {
 		case "event":
 			r.eventType = string(value)
 		case "data":
-			if r.data.Len()+len(value)+1 > maxSSEEvent {
+			if r.data.Len()+len(value)+1 > r.maxEvent {
 				return SSEEvent{}, errSSETooLarge
 			}
 			r.data.Write(value)
@@ -178,7 +181,7 @@ func (r *SSEReader) readLine() ([]byte, error) {
 			r.skipLF = true
 			return r.line, nil
 		}
-		if len(r.line) >= maxSSELine {
+		if len(r.line) >= r.maxLine {
 			return nil, errSSETooLarge
 		}
 		r.line = append(r.line, c)

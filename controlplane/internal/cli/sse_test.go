@@ -100,17 +100,30 @@ func TestSSEReaderDoesNotWaitAfterCR(t *testing.T) {
 }
 
 func TestSSEReaderLimits(t *testing.T) {
-	long := strings.Repeat("x", maxSSELine+1)
-	if _, _, _, err := readAll(strings.NewReader("data: " + long + "\n\n")); !errors.Is(err, errSSETooLarge) {
+	limited := func(in string) error {
+		sr := NewSSEReader(strings.NewReader(in))
+		sr.maxLine, sr.maxEvent = 64, 256
+		for {
+			if _, err := sr.Next(); err != nil {
+				return err
+			}
+		}
+	}
+	if err := limited("data: " + strings.Repeat("x", 58) + "\n\n"); !errors.Is(err, io.EOF) {
+		t.Errorf("a line at the limit: %v", err)
+	}
+	if err := limited("data: " + strings.Repeat("x", 59) + "\n\n"); !errors.Is(err, errSSETooLarge) {
 		t.Errorf("a line over the limit: %v", err)
 	}
-	var b strings.Builder
-	line := "data: " + strings.Repeat("y", 1<<20) + "\n"
-	for b.Len() < maxSSEEvent+len(line) {
-		b.WriteString(line)
-	}
-	if _, _, _, err := readAll(strings.NewReader(b.String())); !errors.Is(err, errSSETooLarge) {
+	line := "data: " + strings.Repeat("y", 50) + "\n"
+	if err := limited(strings.Repeat(line, 6) + "\n"); !errors.Is(err, errSSETooLarge) {
 		t.Errorf("an event over the limit: %v", err)
+	}
+	if err := limited(strings.Repeat(line+"\n", 50)); !errors.Is(err, io.EOF) {
+		t.Errorf("many events within the limit: %v", err)
+	}
+	if r := NewSSEReader(strings.NewReader("")); r.maxLine != maxSSELine || r.maxEvent != maxSSEEvent {
+		t.Errorf("default limits %d %d", r.maxLine, r.maxEvent)
 	}
 }
 

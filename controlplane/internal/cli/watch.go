@@ -107,7 +107,7 @@ func (w *runWatch) print(r *RunView) {
 	}
 	if r.Status != w.status || detail != w.detail {
 		w.status, w.detail, w.running = r.Status, detail, -1
-		fmt.Fprintf(out, "  %s %s %s\n", r.ID, r.Status, detail)
+		fmt.Fprintln(out, strings.TrimRight(fmt.Sprintf("  %s %s %s", r.ID, r.Status, detail), " "))
 	}
 }
 
