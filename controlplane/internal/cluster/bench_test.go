@@ -31,6 +31,7 @@ import (
 	"github.com/copelf/copelf/controlplane/internal/api"
 	"github.com/copelf/copelf/controlplane/internal/cluster"
 	"github.com/copelf/copelf/controlplane/internal/hub"
+	"github.com/copelf/copelf/controlplane/internal/ids"
 	"github.com/copelf/copelf/controlplane/internal/store"
 	"github.com/copelf/copelf/controlplane/internal/store/sqlstore"
 	"github.com/copelf/copelf/controlplane/internal/store/sqlstore/pgtest"
@@ -118,7 +119,7 @@ func startReplicas(b *testing.B, db string, n int, wrap ...func(cluster.Receiver
 func benchAccount(b *testing.B, st *sqlstore.DB, credits int64, workflows int) (*store.User, string, []string) {
 	b.Helper()
 	ctx := context.Background()
-	u, err := st.UserCreate(ctx, store.UserCreateParams{Email: "bench@example.com", PasswordHash: "x", Role: store.RoleMember, Plan: store.PlanPro})
+	u, err := st.UserCreate(ctx, store.UserCreateParams{Email: ids.New("bench") + "@example.com", PasswordHash: "x", Role: store.RoleMember, Plan: store.PlanPro})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -286,25 +287,39 @@ func BenchmarkCrossReplicaDispatch(b *testing.B) {
 // 32 one-slot no-op agents split across the replicas and a producer per
 // replica creating runs through its store (each run of its own workflow)
 // and announcing them as the API does: SQLite (one process), PostgreSQL
-// with one replica, and with two.
+// with one replica, and with two. All of one account (its credit
+// transactions take turns on its row), and spread over 8 accounts.
 func BenchmarkReplicaLifecycles(b *testing.B) {
-	for _, c := range []struct {
-		db       string
-		replicas int
-	}{{"sqlite", 1}, {"postgres", 1}, {"postgres", 2}} {
-		b.Run(fmt.Sprintf("%s/replicas=%d", c.db, c.replicas), func(b *testing.B) {
-			benchReplicaLifecycles(b, c.db, c.replicas, 32)
-		})
+	for _, accounts := range []int{1, 8} {
+		for _, c := range []struct {
+			db       string
+			replicas int
+		}{{"sqlite", 1}, {"postgres", 1}, {"postgres", 2}} {
+			b.Run(fmt.Sprintf("accounts=%d/%s/replicas=%d", accounts, c.db, c.replicas), func(b *testing.B) {
+				benchReplicaLifecycles(b, c.db, c.replicas, 32, accounts)
+			})
+		}
 	}
 }
 
-func benchReplicaLifecycles(b *testing.B, db string, replicas, agents int) {
+func benchReplicaLifecycles(b *testing.B, db string, replicas, agents, accounts int) {
 	rs := startReplicas(b, db, replicas)
-	u, token, wfs := benchAccount(b, rs[0].st, int64(b.N), b.N)
+	// Run i is of account i%accounts; so is agent i.
+	users := make([]*store.User, accounts)
+	tokens := make([]string, accounts)
+	wfs := make([]string, b.N)
+	for a := range accounts {
+		n := (b.N - a + accounts - 1) / accounts
+		var own []string
+		users[a], tokens[a], own = benchAccount(b, rs[0].st, int64(n), n)
+		for j, wf := range own {
+			wfs[a+j*accounts] = wf
+		}
+	}
 	ctx := context.Background()
 	clients := make([]*benchClient, agents)
 	for i := range clients {
-		clients[i] = dial(b, rs[i%replicas], token, fmt.Sprintf("worker-%d", i), 1)
+		clients[i] = dial(b, rs[i%replicas], tokens[i%accounts], fmt.Sprintf("worker-%d", i), 1)
 		clients[i].send(b, &protocol.Ready{Slots: 0}) // paused until the timer starts
 	}
 	var (
@@ -372,7 +387,7 @@ func benchReplicaLifecycles(b *testing.B, db string, replicas, agents int) {
 	for p := range replicas {
 		go func() {
 			for i := p; i < len(wfs); i += replicas {
-				if _, err := rs[p].create(ctx, u.ID, wfs[i]); err != nil {
+				if _, err := rs[p].create(ctx, users[i%accounts].ID, wfs[i]); err != nil {
 					failed.Store(err.Error())
 					return
 				}
@@ -395,9 +410,11 @@ func benchReplicaLifecycles(b *testing.B, db string, replicas, agents int) {
 	b.ReportMetric(float64(completed.Load())/elapsed.Seconds(), "lifecycles/s")
 	b.ReportMetric(float64(cpu.Microseconds())/float64(completed.Load()), "cpu-µs/lifecycle")
 	b.ReportMetric(0, "ns/op")
-	cr, err := rs[0].st.CreditsGet(ctx, u.ID)
-	if err != nil || cr.Held != 0 || cr.Balance != 0 {
-		b.Fatalf("credits after %d runs: %+v %v", b.N, cr, err)
+	for _, u := range users {
+		cr, err := rs[0].st.CreditsGet(ctx, u.ID)
+		if err != nil || cr.Held != 0 || cr.Balance != 0 {
+			b.Fatalf("credits after %d runs: %+v %v", b.N, cr, err)
+		}
 	}
 }
 
