@@ -64,7 +64,7 @@ bench: ## print every benchmark figure of the README (API, dispatch, agents, bro
 	@echo "== several replicas on one PostgreSQL database: dispatch latency, commit of a run on replica B → assign read by an idle agent on A, beside the same replica (goal p99 ≤ 10 ms)"
 	$(GO) test -run='^$$' -bench=BenchmarkCrossReplicaDispatch -benchtime=1000x ./controlplane/internal/cluster/
 	@echo "== run lifecycles/s, 32 no-op agents: SQLite, PostgreSQL with 1 replica, with 2 replicas (goal ≥ 3,000/s on PostgreSQL)"
-	$(GO) test -run='^$$' -bench=BenchmarkReplicaLifecycles -benchtime=3000x ./controlplane/internal/cluster/
+	$(GO) test -run='^$$' -bench=BenchmarkReplicaLifecycles -benchtime=3000x -timeout 40m ./controlplane/internal/cluster/
 	@echo "== server memory per idle connected agent (goal heap ≤ 10 KB)"
 	$(GO) test -run='^$$' -bench=BenchmarkIdleAgentMemory -benchtime=1x ./controlplane/internal/hub/
 	@echo "== sample workflows, Session.Run vs plain chromedp in the same warm browser (goal copelf/chromedp ≤ 1.05)"
