@@ -946,3 +946,57 @@ func TestEventsWithSessionCookie(t *testing.T) {
 		t.Fatalf("cookie run stream: %s", ev.Data)
 	}
 }
+
+// BenchmarkFeedRunChanged measures what a run change costs the hub's
+// goroutine that reports it (the feed's view and publication; the append
+// happens on the event log's writer): "caller" with the writer stopped
+// (the cost on the hub's goroutine alone), "appended" until every event is
+// stored and delivered.
+func BenchmarkFeedRunChanged(b *testing.B) {
+	for _, mode := range []string{"caller", "appended"} {
+		b.Run(mode, func(b *testing.B) { benchFeed(b, mode == "appended") })
+	}
+}
+
+func benchFeed(b *testing.B, start bool) {
+	ctx := context.Background()
+	st, err := sqlstore.Open(ctx, "sqlite://"+filepath.Join(b.TempDir(), "copelf.db"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer st.Close()
+	log, _ := test.NewNullLogger()
+	srv := api.New(st, log, api.Config{RunCost: 1})
+	br := events.New(st, log, events.Config{SubscriberBuffer: 1 << 20, MaxPending: 1 << 30})
+	if start {
+		if err := br.Start(ctx); err != nil {
+			b.Fatal(err)
+		}
+	}
+	defer br.Close()
+	srv.Events = br
+	feed := api.NewFeed(srv)
+	now := time.Now()
+	run := &store.Run{ID: "run_bench", AccountID: "usr_bench", WorkflowID: "wf_bench", Status: protocol.RunRunning, AgentID: "agt_bench",
+		Inputs: map[string]any{"username": "ada", "password": "s3cret"}, SecretNames: []string{"password"}, Outputs: map[string]any{},
+		Steps:    []store.StepRecord{{Index: 0, Type: protocol.StepNavigate, Status: protocol.StepSucceeded}, {Index: 1, Type: protocol.StepClick, Status: protocol.StepRunning}},
+		QueuedAt: now, StartedAt: &now, Attempt: 1}
+	s := br.Subscribe(events.Filter{})
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		feed.RunChanged(run)
+	}
+	if !start {
+		return
+	}
+	for got := 0; got < b.N; got++ {
+		select {
+		case <-s.C():
+		case <-s.Done():
+			b.Fatalf("subscription ended after %d of %d: %v", got, b.N, s.Err())
+		case <-time.After(time.Minute):
+			b.Fatalf("%d of %d events appended", got, b.N)
+		}
+	}
+}

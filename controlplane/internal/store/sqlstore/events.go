@@ -4,42 +4,66 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
+	"fmt"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/copelf/copelf/controlplane/internal/store"
 )
 
-// EventAppend inserts the events in one transaction, in order. On
-// PostgreSQL the table is locked for the transaction first: a sequence hands
-// out ids at insert time, not commit time, and without the lock a reader
-// could see id n+1 committed before id n and skip n for good. SQLite's
-// single writer gives the same order by itself.
+// EventAppend inserts the events in one transaction, in order, by
+// multi-row INSERTs of 64, 32, … 1 rows (few distinct statements, each
+// prepared once). On PostgreSQL the table is locked for the transaction
+// first: a sequence hands out ids at insert time, not commit time, and
+// without the lock a reader could see id n+1 committed before id n and skip
+// n for good. SQLite's single writer gives the same order by itself. Within
+// a statement ids follow the VALUES order; RETURNING may list them in any
+// order, so they are sorted.
 func (s *DB) EventAppend(ctx context.Context, events []*store.Event) error {
 	if len(events) == 0 {
 		return nil
 	}
 	now := s.now()
-	ids := make([]int64, len(events))
+	ids := make([]int64, 0, len(events))
 	err := s.tx(ctx, func(tx *sql.Tx) error {
+		ids = ids[:0]
 		if s.d.name == "postgres" {
 			if _, err := tx.ExecContext(ctx, `LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE`); err != nil {
 				return err
 			}
 		}
-		for i, ev := range events {
-			at := ev.CreatedAt
-			if at.IsZero() {
-				at = now
+		for rest := events; len(rest) > 0; {
+			n := 64
+			for n > len(rest) {
+				n /= 2
 			}
-			data := ev.Data
-			if len(data) == 0 {
-				data = json.RawMessage("null")
+			args := make([]any, 0, 6*n)
+			for _, ev := range rest[:n] {
+				at := ev.CreatedAt
+				if at.IsZero() {
+					at = now
+				}
+				data := ev.Data
+				if len(data) == 0 {
+					data = json.RawMessage("null")
+				}
+				args = append(args, ev.AccountID, ev.Type, ev.SubjectID, nullString(ev.RunID), string(data), ms(at))
 			}
-			err := s.queryRow(ctx, tx, `INSERT INTO events (account_id, type, subject_id, run_id, data, created_at) VALUES (?, ?, ?, ?, ?, ?) RETURNING id`,
-				ev.AccountID, ev.Type, ev.SubjectID, nullString(ev.RunID), string(data), ms(at)).Scan(&ids[i])
+			got, err := queryAll(ctx, s, `INSERT INTO events (account_id, type, subject_id, run_id, data, created_at) VALUES `+eventRows(n)+` RETURNING id`,
+				args, func(row interface{ Scan(...any) error }) (int64, error) {
+					var id int64
+					return id, row.Scan(&id)
+				}, tx)
 			if err != nil {
 				return err
 			}
+			if len(got) != n {
+				return fmt.Errorf("event append: %d ids for %d rows", len(got), n)
+			}
+			slices.Sort(got)
+			ids = append(ids, got...)
+			rest = rest[n:]
 		}
 		return nil
 	})
@@ -53,6 +77,11 @@ func (s *DB) EventAppend(ctx context.Context, events []*store.Event) error {
 		}
 	}
 	return nil
+}
+
+// eventRows is the VALUES list of n events.
+func eventRows(n int) string {
+	return strings.TrimSuffix(strings.Repeat("(?, ?, ?, ?, ?, ?), ", n), ", ")
 }
 
 const eventColumns = `id, account_id, type, subject_id, run_id, data, created_at`
