@@ -178,8 +178,18 @@ func (s *Server) streamEvents(w http.ResponseWriter, r *http.Request) error {
 	filter := events.Filter{AccountID: account, Types: types}
 	sub := s.Events.Subscribe(filter)
 	defer sub.Close()
+	// Without Last-Event-ID the stream starts after the latest stored
+	// event, which the tail may not have delivered yet.
+	start := sub.From
+	if !resume {
+		latest, err := s.Events.LatestID(r.Context(), "")
+		if err != nil {
+			return err
+		}
+		start = max(start, latest)
+	}
 	out := startSSE(w)
-	out.sent = sub.From
+	out.sent = start
 	if resume {
 		out.sent = after
 		err := s.Events.Replay(r.Context(), filter, after, sub.From, func(ev *store.Event) error {
