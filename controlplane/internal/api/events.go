@@ -175,6 +175,10 @@ func (s *Server) streamEvents(w http.ResponseWriter, r *http.Request) error {
 	if s.Events == nil {
 		return s.eventsOff()
 	}
+	if r.Method == http.MethodHead {
+		startSSE(w)
+		return nil
+	}
 	filter := events.Filter{AccountID: account, Types: types}
 	sub := s.Events.Subscribe(filter)
 	defer sub.Close()
@@ -279,6 +283,10 @@ func (s *Server) streamRunEvents(w http.ResponseWriter, r *http.Request) error {
 	}
 	if s.Events == nil {
 		return s.eventsOff()
+	}
+	if r.Method == http.MethodHead {
+		startSSE(w)
+		return nil
 	}
 	sub := s.Events.Subscribe(events.Filter{RunID: run.ID, Types: map[string]bool{events.RunUpdated: true}})
 	defer sub.Close()

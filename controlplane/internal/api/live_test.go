@@ -680,6 +680,14 @@ func TestLiveErrors(t *testing.T) {
 		t.Errorf("metrics forbidden details %v", er.Details)
 	}
 
+	// HEAD answers the headers and ends.
+	for _, path := range []string{"/v1/events", "/v1/runs/" + run + "/events"} {
+		r := e.do(request{Method: "HEAD", Path: path, Token: u.Token})
+		if r.StatusCode != http.StatusOK || r.Header.Get("Content-Type") != "text/event-stream" || len(r.Body) != 0 {
+			t.Errorf("HEAD %s: %d %q %q", path, r.StatusCode, r.Header.Get("Content-Type"), r.Body)
+		}
+	}
+
 	// A server without an event log answers not_found (events_disabled).
 	plain := newEnv(t, api.Config{})
 	pu := plain.newUser(store.RoleMember, store.PlanPro, 10)
