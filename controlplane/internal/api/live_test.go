@@ -768,8 +768,14 @@ func TestMetrics(t *testing.T) {
 	wf1, wf2 := e.newWorkflow(u.Token), e.newWorkflow(u.Token)
 	r1 := e.post("/v1/workflows/"+wf1+"/runs", u.Token, goodInputs()).Map(t)["id"].(string)
 	e.post("/v1/workflows/"+wf2+"/runs", u.Token, goodInputs())
-	time.Sleep(5 * time.Millisecond) // past the 1 ms stuck threshold (a duration, not a synchronisation)
-	m := e.scrape(op.Token)
+	// Past the 1 ms threshold both runs are stuck queued.
+	var m map[string]*dto.MetricFamily
+	for deadline := time.Now().Add(liveWait); ; {
+		m = e.scrape(op.Token)
+		if metricValue(m, "copelf_stuck", map[string]string{"state": "queued"}) == 2 || time.Now().After(deadline) {
+			break
+		}
+	}
 	if v := metricValue(m, "copelf_queue_depth", map[string]string{"reason": "no_agent_connected"}); v != 2 {
 		t.Errorf("queue depth no_agent_connected = %v, want 2", v)
 	}
