@@ -182,6 +182,9 @@ func (s *Server) createBatch(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	addLogField(r.Context(), "batchId", b.ID)
+	if s.feed != nil {
+		s.feed.Batch(b.ID) // a new batch shows on the event streams at once
+	}
 	return writeJSON(w, http.StatusCreated, viewBatch(b, secretNames(def)))
 }
 

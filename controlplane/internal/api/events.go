@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/copelf/copelf/controlplane/internal/events"
@@ -278,7 +279,8 @@ func (s *Server) streamRunEvents(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	if _, _, err := lastEventID(r); err != nil {
+	after, _, err := lastEventID(r)
+	if err != nil {
 		return err
 	}
 	if s.Events == nil {
@@ -287,6 +289,9 @@ func (s *Server) streamRunEvents(w http.ResponseWriter, r *http.Request) error {
 	if r.Method == http.MethodHead {
 		startSSE(w)
 		return nil
+	}
+	if run.Status.Terminal() {
+		return s.replayRunEvents(w, r, run, after)
 	}
 	sub := s.Events.Subscribe(events.Filter{RunID: run.ID, Types: map[string]bool{events.RunUpdated: true}})
 	defer sub.Close()
@@ -310,20 +315,61 @@ func (s *Server) streamRunEvents(w http.ResponseWriter, r *http.Request) error {
 		_ = out.flush()
 		return nil
 	}
-	s.pump(r, out, sub, func(ev *store.Event) bool {
-		var v struct {
-			Status protocol.RunStatus `json:"status"`
-		}
-		return json.Unmarshal(ev.Data, &v) == nil && v.Status.Terminal()
-	})
+	s.pump(r, out, sub, func(ev *store.Event) bool { return runDataTerminal(ev.Data) })
 	return nil
 }
 
+// replayRunEvents answers GET /v1/runs/{id}/events for a finished run
+// (API.md §12): the run's stored events after Last-Event-ID, then the
+// stream closes. When none is left (pruned, or all seen before) and the
+// client has not seen the end, the final state is sent as the last event.
+func (s *Server) replayRunEvents(w http.ResponseWriter, r *http.Request, run *store.Run, after int64) error {
+	latest, err := s.Events.LatestID(r.Context(), run.ID)
+	if err != nil {
+		return err
+	}
+	out := startSSE(w)
+	out.sent = after
+	sawEnd := false
+	err = s.Events.Replay(r.Context(), events.Filter{RunID: run.ID, Types: map[string]bool{events.RunUpdated: true}}, after, latest, func(ev *store.Event) error {
+		out.event(ev)
+		sawEnd = runDataTerminal(ev.Data)
+		if len(out.buf) < 64<<10 {
+			return nil
+		}
+		return out.flush()
+	})
+	if err != nil {
+		if r.Context().Err() == nil {
+			s.log.WithError(err).WithField("requestId", RequestID(r.Context())).Warn("run event stream: replay failed")
+		}
+		return nil
+	}
+	if !sawEnd && (after < latest || latest == 0) {
+		data, err := json.Marshal(s.viewRun(run))
+		if err != nil {
+			return err
+		}
+		out.event(&store.Event{ID: latest, Type: events.RunUpdated, AccountID: run.AccountID, SubjectID: run.ID, RunID: run.ID, Data: data, CreatedAt: s.Now()})
+	}
+	_ = out.flush()
+	return nil
+}
+
+// runDataTerminal reports whether a run.updated event's data holds a
+// terminal state.
+func runDataTerminal(data []byte) bool {
+	var v struct {
+		Status protocol.RunStatus `json:"status"`
+	}
+	return json.Unmarshal(data, &v) == nil && v.Status.Terminal()
+}
+
 // Feed turns the changes the API and the hub make into events: it is the
-// hub's Listener, and Hooks returns its side of the API's hooks. Runs and
-// approvals are published as they were at the change; a batch's progress is
-// read when the event log's writer flushes, once per flush however many of
-// its runs changed.
+// hub's Listener, and Hooks returns its side of the API's hooks. Approvals
+// are published as they were at the change; a run's state and a batch's
+// progress are read when the event log's writer flushes, once per flush
+// however often they changed.
 type Feed struct {
 	s *Server
 	b *events.Broker
@@ -334,6 +380,7 @@ type Feed struct {
 	// last change is always published.
 	BatchInterval time.Duration
 
+	seq          atomic.Uint64 // tells Run's publications apart
 	mu           sync.Mutex
 	finished     map[string]bool // runs counted as finished (a bounded set)
 	order        []string
@@ -346,8 +393,10 @@ const DefaultBatchInterval = 250 * time.Millisecond
 
 // NewFeed returns the feed of s (whose Events must be set).
 func NewFeed(s *Server) *Feed {
-	return &Feed{s: s, b: s.Events, m: s.metrics, BatchInterval: DefaultBatchInterval,
+	f := &Feed{s: s, b: s.Events, m: s.metrics, BatchInterval: DefaultBatchInterval,
 		finished: map[string]bool{}, batchLast: map[string]time.Time{}, batchPending: map[string]bool{}}
+	s.feed = f // the API publishes what no hook carries (a batch's creation)
+	return f
 }
 
 var (
@@ -355,10 +404,23 @@ var (
 	_ hub.AgentListener = (*Feed)(nil)
 )
 
-// Run publishes a run's state.
+// Run publishes a change of a run: one event per change, holding the run
+// as the log's writer reads it when it flushes, not as r holds it. Changes
+// to one run are committed by several goroutines (the hub's connections,
+// API requests, the reaper) whose publications may reach the log in
+// another order than their commits; read at flush time, the states in the
+// log only move forward, and a stream never shows a run going back to an
+// earlier state.
 func (f *Feed) Run(r *store.Run) {
-	f.b.Publish(f.runItem(r))
-	f.after(r)
+	id := r.ID
+	f.b.PublishLazy("run:"+id+":"+strconv.FormatUint(f.seq.Add(1), 10), func(ctx context.Context) ([]events.Item, error) {
+		r, err := f.s.store.RunGet(ctx, id)
+		if err != nil {
+			return nil, err
+		}
+		f.after(r)
+		return []events.Item{f.runItem(r)}, nil
+	})
 }
 
 func (f *Feed) runItem(r *store.Run) events.Item {

@@ -513,12 +513,25 @@ func TestRunEventsStream(t *testing.T) {
 		}
 		st.ended()
 	}
-	// A finished run: its state, then the end (read whole by e.do, which
-	// checks the exchange against the document).
+	// A finished run replays its events, the last one terminal, then ends
+	// (API.md §12; read whole by e.do, which checks the exchange against the
+	// document).
 	r := e.get("/v1/runs/"+id+"/events", u.Token)
 	expectStatus(t, r, http.StatusOK)
-	if !strings.HasPrefix(string(r.Body), "retry: 2000\n\nid: ") || !strings.Contains(string(r.Body), `"status":"cancelled"`) || strings.Count(string(r.Body), "\nevent: ") != 1 {
-		t.Errorf("finished run's stream:\n%s", r.Body)
+	body := string(r.Body)
+	stored, err := e.Store.EventsAfter(context.Background(), 0, store.EventFilter{RunID: id}, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(body, "retry: 2000\n\nid: ") || strings.Count(body, "\nevent: ") != len(stored) || len(stored) < 2 ||
+		!strings.HasSuffix(strings.TrimSpace(body), "}") || !strings.Contains(body[strings.LastIndex(body, "\nid: "):], `"status":"cancelled"`) {
+		t.Errorf("finished run's stream (%d stored events):\n%s", len(stored), body)
+	}
+	// Resumed after its last event: nothing more, and the end.
+	r = e.do(request{Method: "GET", Path: "/v1/runs/" + id + "/events", Token: u.Token, Header: map[string]string{"Last-Event-ID": strconv.FormatInt(stored[len(stored)-1].ID, 10)}})
+	expectStatus(t, r, http.StatusOK)
+	if strings.Contains(string(r.Body), "\nevent: ") {
+		t.Errorf("finished run resumed after its last event:\n%s", r.Body)
 	}
 }
 
@@ -583,6 +596,11 @@ func TestLiveIsolation(t *testing.T) {
 		Total struct {
 			Depth int64 `json:"depth"`
 		} `json:"total"`
+		// API.md §12's top-level figures.
+		Depth             int64            `json:"depth"`
+		OldestQueuedAt    *time.Time       `json:"oldestQueuedAt"`
+		OldestQueuedAgeMs int64            `json:"oldestQueuedAgeMs"`
+		ByReason          map[string]int64 `json:"byReason"`
 	}
 	r := e.get("/v1/queue", a.Token)
 	expectStatus(t, r, http.StatusOK)
@@ -590,11 +608,14 @@ func TestLiveIsolation(t *testing.T) {
 	if len(q.Accounts) != 1 || q.Accounts[0].AccountID != a.ID || q.Accounts[0].Depth != 1 || q.Total.Depth != 1 || q.Accounts[0].ByReason["agents_busy"] != 1 {
 		t.Errorf("a's queue: %s", r.Body)
 	}
+	if q.Depth != 1 || q.ByReason["agents_busy"] != 1 || q.OldestQueuedAt == nil || q.OldestQueuedAgeMs < 0 {
+		t.Errorf("a's queue, top-level figures: %s", r.Body)
+	}
 	expectError(t, e.get("/v1/queue?accountId="+b.ID, a.Token), protocol.CodeForbidden)
 	expectStatus(t, e.get("/v1/queue?accountId="+a.ID, a.Token), http.StatusOK)
 	r = e.get("/v1/queue", op.Token)
 	r.JSON(t, &q)
-	if len(q.Accounts) != 2 || q.Total.Depth != 2 {
+	if len(q.Accounts) != 2 || q.Total.Depth != 2 || q.Depth != 2 || q.ByReason["agents_busy"]+q.ByReason["no_matching_agent"] != 2 {
 		t.Errorf("operator's queue: %s", r.Body)
 	}
 	for _, acct := range q.Accounts {
@@ -662,7 +683,7 @@ func TestLiveErrors(t *testing.T) {
 			t.Errorf("%s: fields %v, want %s", path, fieldNames(t, er), field)
 		}
 	}
-	for _, path := range []string{"/v1/events", "/v1/runs/" + run + "/events", "/v1/queue", "/metrics"} {
+	for _, path := range []string{"/v1/events", "/v1/runs/" + run + "/events", "/v1/queue"} {
 		expectError(t, e.get(path, ""), protocol.CodeUnauthenticated)
 		expectError(t, e.get(path, "copelf_api_nonsense"), protocol.CodeUnauthenticated)
 		expectError(t, e.get(path, agentTok), protocol.CodeForbidden)
@@ -675,9 +696,9 @@ func TestLiveErrors(t *testing.T) {
 	expectError(t, e.get("/v1/runs/"+run+"/events", other.Token), protocol.CodeForbidden)
 	expectError(t, e.get("/v1/runs/run_nope/events", u.Token), protocol.CodeNotFound)
 	expectError(t, e.get("/v1/queue?accountId="+other.ID, u.Token), protocol.CodeForbidden)
-	er := expectError(t, e.get("/metrics", u.Token), protocol.CodeForbidden)
-	if er.Details["requiredRole"] != "operator" {
-		t.Errorf("metrics forbidden details %v", er.Details)
+	// /metrics needs no token (API.md §12) and carries no account id.
+	if body := string(e.scrapeRaw("")); strings.Contains(body, u.ID) || strings.Contains(body, other.ID) || !strings.Contains(body, "copelf_") {
+		t.Errorf("/metrics without a token: %.300s", body)
 	}
 
 	// HEAD answers the headers and ends.
@@ -703,14 +724,21 @@ func TestLiveErrors(t *testing.T) {
 // text parser.
 func (e *env) scrape(token string) map[string]*dto.MetricFamily {
 	e.t.Helper()
-	r := e.get("/metrics", token)
-	expectStatus(e.t, r, http.StatusOK)
+	body := e.scrapeRaw(token)
 	p := expfmt.NewTextParser(model.UTF8Validation)
-	fams, err := p.TextToMetricFamilies(bytes.NewReader(r.Body))
+	fams, err := p.TextToMetricFamilies(bytes.NewReader(body))
 	if err != nil {
-		e.t.Fatalf("parse /metrics: %v\n%s", err, r.Body)
+		e.t.Fatalf("parse /metrics: %v\n%s", err, body)
 	}
 	return fams
+}
+
+// scrapeRaw is GET /metrics's body.
+func (e *env) scrapeRaw(token string) []byte {
+	e.t.Helper()
+	r := e.get("/metrics", token)
+	expectStatus(e.t, r, http.StatusOK)
+	return r.Body
 }
 
 // metricValue is the value of the family's series with these labels (0
@@ -1012,5 +1040,23 @@ func benchFeed(b *testing.B, start bool) {
 		case <-time.After(time.Minute):
 			b.Fatalf("%d of %d events appended", got, b.N)
 		}
+	}
+}
+
+// TestBatchCreatedEvent: a new batch shows on the account's stream at once,
+// before it starts (the dashboard lists it without a reload).
+func TestBatchCreatedEvent(t *testing.T) {
+	e := newLiveEnv(t, api.Config{})
+	u := e.newUser(store.RoleMember, store.PlanPro, 10)
+	wf := e.newWorkflow(u.Token)
+	s := e.openStream("/v1/events?types=batch", u.Token, nil)
+	bat := e.newBatch(u.Token, wf, 2)
+	ev := s.next(false)
+	var b struct {
+		ID     string `json:"id"`
+		Status string `json:"status"`
+	}
+	if err := json.Unmarshal(ev.envelope(t).Data, &b); err != nil || ev.Type != events.BatchUpdated || b.ID != bat || b.Status != "created" {
+		t.Fatalf("first batch event %s %s (%v)", ev.Type, ev.Data, err)
 	}
 }

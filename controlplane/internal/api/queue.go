@@ -64,11 +64,18 @@ type thresholdsView struct {
 	AnalyzingMs        int64 `json:"analyzing"`
 }
 
+// queueStatsView is GET /v1/queue's answer: the figures of every account
+// shown at the top level (API.md §12), then per account, the same total
+// with the stuck counts, and the thresholds.
 type queueStatsView struct {
-	At              time.Time       `json:"at"`
-	Accounts        []*queueFigures `json:"accounts"`
-	Total           *queueFigures   `json:"total"`
-	StuckThresholds thresholdsView  `json:"stuckThresholdsMs"`
+	At                time.Time                      `json:"at"`
+	Depth             int64                          `json:"depth"`
+	OldestQueuedAt    *time.Time                     `json:"oldestQueuedAt"`
+	OldestQueuedAgeMs int64                          `json:"oldestQueuedAgeMs"`
+	ByReason          map[protocol.QueueReason]int64 `json:"byReason"`
+	Accounts          []*queueFigures                `json:"accounts"`
+	Total             *queueFigures                  `json:"total"`
+	StuckThresholds   thresholdsView                 `json:"stuckThresholdsMs"`
 }
 
 // getQueue is GET /v1/queue: queued runs by account and reason, and what is
@@ -123,6 +130,11 @@ func (s *Server) getQueue(w http.ResponseWriter, r *http.Request) error {
 		out.Accounts = append(out.Accounts, f)
 	}
 	total.finish(now)
+	out.Depth, out.OldestQueuedAgeMs, out.ByReason = total.Depth, total.OldestQueuedAgeMs, total.ByReason
+	if !total.oldest.IsZero() {
+		oldest := total.oldest.UTC()
+		out.OldestQueuedAt = &oldest
+	}
 	sort.Slice(out.Accounts, func(i, j int) bool { return out.Accounts[i].AccountID < out.Accounts[j].AccountID })
 	t := s.cfg.Stuck
 	out.StuckThresholds = thresholdsView{t.Queued.Milliseconds(), t.Assigned.Milliseconds(), t.Cancelling.Milliseconds(),
@@ -130,13 +142,11 @@ func (s *Server) getQueue(w http.ResponseWriter, r *http.Request) error {
 	return writeJSON(w, http.StatusOK, out)
 }
 
-// getMetrics is GET /metrics on the API's address: operators and admins
-// only (a Prometheus scrape with an operator's API token as bearer). The
-// -metrics-addr listener serves the same without a token.
+// getMetrics is GET /metrics: no token (API.md §12), as Prometheus scrapes
+// it. No metric carries an account id or anything else of a tenant's; the
+// -metrics-addr listener serves the same on an address of its own, for
+// deployments that keep the API's address public.
 func (s *Server) getMetrics(w http.ResponseWriter, r *http.Request) error {
-	if _, err := s.authRole(r, store.RoleOperator); err != nil {
-		return err
-	}
 	s.metrics.Handler().ServeHTTP(w, r)
 	return nil
 }

@@ -97,6 +97,8 @@ type Server struct {
 	Events *events.Broker
 
 	metrics *metrics.Metrics
+	// feed is the event feed, when NewFeed made one.
+	feed *Feed
 
 	mux    *http.ServeMux
 	signIn *signInLimiter

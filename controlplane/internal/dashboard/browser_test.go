@@ -102,7 +102,7 @@ func TestDashboardLive(t *testing.T) {
 	screenshot(t, page, "overview-approval")
 
 	// Approve from the page: the agent is told, and the run goes on.
-	do(t, page, "approve", chromedp.Click(chromedp.CSS("#approvals tr[data-approval-id] button.approve")))
+	do(t, page, "approve", clickNow("#approvals tr[data-approval-id] button.approve"))
 	apr := next[*protocol.ApprovalFrame](ag)
 	if !apr.Approved || apr.RunID != runID {
 		t.Fatalf("approval frame %+v", apr)
@@ -119,7 +119,7 @@ func TestDashboardLive(t *testing.T) {
 
 	// The run's page, reached by a link: the timeline has a bar per step,
 	// the output is text (not markup) and the screenshot is shown.
-	do(t, page, "open the run", chromedp.Click(chromedp.CSS(fmt.Sprintf(`#recent a[href="/runs/%s"]`, runID))))
+	do(t, page, "open the run", clickNow(fmt.Sprintf(`#recent a[href="/runs/%s"]`, runID)))
 	poll[bool](t, page, "run page", fmt.Sprintf(`document.body.dataset.view === "run" && !!document.querySelector('#run-page[data-run-id=%q][data-status="succeeded"]')`, runID))
 	bars := poll[int](t, page, "timeline bars", `(() => { const bars = [...document.querySelectorAll("#timeline .step .bar")].filter(b => !b.hidden && b.getBoundingClientRect().width > 0); return bars.length })()`)
 	if bars != 4 {
@@ -167,7 +167,7 @@ func TestDashboardLive(t *testing.T) {
 	s.call(t, "POST", "/v1/batches/"+bat+"/start", alice.Token, nil, 200)
 	do(t, page, "back to the overview", chromedp.Click(chromedp.CSS(`a.brand`)))
 	poll[bool](t, page, "batch on the overview", fmt.Sprintf(`!!document.querySelector('#batches tr[data-batch-id=%q]')`, bat))
-	do(t, page, "open the batch", chromedp.Click(chromedp.CSS(fmt.Sprintf(`#batches a[href="/batches/%s"]`, bat))))
+	do(t, page, "open the batch", clickNow(fmt.Sprintf(`#batches a[href="/batches/%s"]`, bat)))
 	poll[bool](t, page, "batch page", fmt.Sprintf(`!!document.querySelector('#batch-page[data-batch-id=%q]') && document.querySelectorAll("#iterations tr[data-index]").length === 3`, bat))
 	for i := range 3 {
 		as := ag.take()
@@ -287,7 +287,7 @@ func TestDashboardCSRF(t *testing.T) {
 	// The page's own button carries the token and works.
 	do(t, page, "open the run", chromedp.Navigate(s.URL+"/runs/"+runID))
 	poll[bool](t, page, "run page", `!!document.querySelector('#run-page[data-status="queued"] button.cancel')`)
-	do(t, page, "cancel", chromedp.Click(chromedp.CSS(`#run-page button.cancel`)))
+	do(t, page, "cancel", clickNow(`#run-page button.cancel`))
 	poll[bool](t, page, "cancelled", `!!document.querySelector('#run-page[data-status="cancelled"]')`)
 	s.waitRun(t, alice.Token, runID, "cancelled", func(r map[string]any) bool { return r["status"] == "cancelled" })
 }
@@ -329,4 +329,19 @@ func TestDashboardSignInLimit(t *testing.T) {
 	// Another account from the same address is not limited by alice's.
 	bob := s.member(t, "member")
 	signIn(t, page, s, bob)
+}
+
+// clickNow clicks the element sel selects in one step inside the page. The
+// live views re-render rows and buttons as events arrive, so a node found by
+// one DevTools call may be gone by the next (chromedp.Click's "could not
+// find node"); a click from the page's own script cannot fall in between.
+func clickNow(sel string) chromedp.Action[chromedp.Void] {
+	js := fmt.Sprintf(`(() => { const el = document.querySelector(%q); if (!el) return false; el.click(); return true })()`, sel)
+	return func(ctx context.Context, t *chromedp.Target) (chromedp.Void, error) {
+		ok, err := chromedp.Evaluate[bool](js)(ctx, t)
+		if err == nil && !ok {
+			err = fmt.Errorf("nothing matches %s", sel)
+		}
+		return chromedp.Void{}, err
+	}
 }
