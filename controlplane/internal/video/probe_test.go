@@ -144,14 +144,6 @@ func (c *countingReaderAt) ReadAt(p []byte, off int64) (int, error) {
 	return n, err
 }
 
-// zeros is an endless source of zero bytes that reads at any offset.
-type zeros struct{}
-
-func (zeros) ReadAt(p []byte, off int64) (int, error) {
-	clear(p)
-	return len(p), nil
-}
-
 // paddedMP4 is a recording followed by a free box that fills the file to
 // size: the media is small, the file is not.
 type paddedMP4 struct {
