@@ -91,9 +91,10 @@ func TestCancelIgnoredForcedAfterGrace(t *testing.T) {
 		t.Fatalf("cancel without a reason")
 	}
 	e.credits(e.account, 99, 0)
-	// The agent's late finish changes nothing; its slot is already free.
+	// The agent's late finish changes nothing (run_finished, as
+	// protocol/README.md says); its slot is already free.
 	c.report(run, a.LeaseID, protocol.Event{Kind: protocol.EventFinished, Status: "cancelled"})
-	c.expectError(protocol.CodeConflict, protocol.ReasonLeaseLost)
+	c.expectError(protocol.CodeConflict, "run_finished")
 	c.expectAssign(e.runOn(nil))
 }
 

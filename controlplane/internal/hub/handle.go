@@ -210,6 +210,15 @@ func (c *conn) eventNotHeld(ctx context.Context, f *protocol.Event) {
 			c.sendFrame(&protocol.Ack{RunID: f.RunID, Seq: f.Seq})
 			return
 		}
+		// A new event of its own lease about a run the server ended
+		// (cancel forced, timeout): run_finished, as protocol/README.md
+		// says, so the agent drops the run and its outbox. A run ended
+		// because this lease expired (agent_lost) answers lease_lost.
+		var pe *protocol.Error
+		if isConflict(err, &pe) && pe.Details["reason"] == "run_finished" && !(r.Error != nil && r.Error.Details["reason"] == protocol.ReasonAgentLost) {
+			c.sendError(err, f.RunID)
+			return
+		}
 	}
 	c.sendError(c.checkForeign(ctx, f.RunID), f.RunID)
 }
