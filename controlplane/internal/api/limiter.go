@@ -1,6 +1,7 @@
 package api
 
 import (
+	"crypto/sha256"
 	"math"
 	"net"
 	"net/http"
@@ -82,8 +83,10 @@ func (l *keyedLimiter) sweep(now time.Time) {
 			delete(l.buckets, k)
 		}
 	}
+	// Evict down to 90% of the bound, not one key below it: otherwise,
+	// once full, every new key would pay for a scan of the whole map.
 	for k := range l.buckets {
-		if len(l.buckets) < maxLimiterKeys {
+		if len(l.buckets) < maxLimiterKeys-maxLimiterKeys/10 {
 			break
 		}
 		delete(l.buckets, k)
@@ -114,7 +117,7 @@ func (l *signInLimiter) allow(w http.ResponseWriter, r *http.Request, email stri
 	ok, wait := l.address.take(clientAddress(r), now)
 	if ok {
 		scope = "account"
-		ok, wait = l.account.take(strings.ToLower(strings.TrimSpace(email)), now)
+		ok, wait = l.account.take(accountKey(email), now)
 	}
 	if ok {
 		return nil
@@ -126,6 +129,14 @@ func (l *signInLimiter) allow(w http.ResponseWriter, r *http.Request, email stri
 	w.Header().Set("Retry-After", strconv.FormatInt(secs, 10))
 	return protocol.Errorf(protocol.CodeRateLimited, "Too many sign-in attempts; retry in %d s.", secs).
 		With("reason", "sign_in_attempts").With("scope", scope).With("retryAfterSeconds", secs)
+}
+
+// accountKey is the account limiter's key for an email: a fixed-size
+// digest of it, whatever its case, so that a client posting megabyte-long
+// emails cannot make each bucket's key hold a megabyte.
+func accountKey(email string) string {
+	sum := sha256.Sum256([]byte(strings.ToLower(strings.TrimSpace(email))))
+	return string(sum[:])
 }
 
 // clientAddress is the request's peer address without its port. Headers
