@@ -5,6 +5,7 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"net/netip"
 	"strconv"
 	"strings"
 	"sync"
@@ -139,12 +140,19 @@ func accountKey(email string) string {
 	return string(sum[:])
 }
 
-// clientAddress is the request's peer address without its port. Headers
-// such as X-Forwarded-For are not trusted: any client can set them.
+// clientAddress is the request's peer address without its port; for IPv6,
+// its /64 network, which one client holds whole (one address a try would
+// otherwise escape the limit). Headers such as X-Forwarded-For are not
+// trusted: any client can set them.
 func clientAddress(r *http.Request) string {
 	host, _, err := net.SplitHostPort(r.RemoteAddr)
 	if err != nil {
 		return r.RemoteAddr
+	}
+	if a, err := netip.ParseAddr(host); err == nil && a.Unmap().Is6() {
+		if p, err := a.WithZone("").Prefix(64); err == nil {
+			return p.String()
+		}
 	}
 	return host
 }

@@ -56,3 +56,31 @@ func TestKeyedLimiterEvictsInBulk(t *testing.T) {
 		t.Fatal("the new key has no bucket")
 	}
 }
+
+// TestSignInLimiterIPv6Network: the per-address limit covers an IPv6
+// client's /64, not each of its addresses: a client holds the whole /64 and
+// would otherwise get a fresh bucket for every try.
+func TestSignInLimiterIPv6Network(t *testing.T) {
+	l := newSignInLimiter(RateLimit{Burst: 100, Every: time.Hour}, RateLimit{Burst: 2, Every: time.Hour})
+	now := time.Now()
+	try := func(addr string) error {
+		r := httptest.NewRequest("POST", "/v1/sessions", nil)
+		r.RemoteAddr = addr
+		return l.allow(httptest.NewRecorder(), r, "someone@example.com", now)
+	}
+	for _, a := range []string{"[2001:db8:1:2::1]:4000", "[2001:db8:1:2:ffff::9]:4001"} {
+		if err := try(a); err != nil {
+			t.Fatal(a, err)
+		}
+	}
+	if err := try("[2001:db8:1:2:abcd::7%eth0]:4002"); err == nil {
+		t.Fatal("a third address of the same /64 was not limited")
+	}
+	// Another /64, and IPv4 clients (also as IPv4-mapped IPv6), keep
+	// buckets of their own.
+	for _, a := range []string{"[2001:db8:1:3::1]:4000", "192.0.2.1:4000", "[::ffff:192.0.2.2]:4000"} {
+		if err := try(a); err != nil {
+			t.Fatal(a, err)
+		}
+	}
+}
