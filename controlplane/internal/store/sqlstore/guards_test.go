@@ -18,6 +18,38 @@ func TestLedgerGuards(t *testing.T) {
 	ctx := t.Context()
 	path := filepath.Join(t.TempDir(), "copelf.db")
 	db := openFile(t, path)
+	accountID := seedGuarded(t, db)
+
+	raw, err := sql.Open("sqlite", "file:"+path+"?_pragma=busy_timeout(10000)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	for _, q := range []string{
+		`UPDATE ledger SET amount = amount + 1`,
+		`DELETE FROM ledger`,
+		`UPDATE credit_holds SET status = 'voided'`,
+		`UPDATE credit_holds SET status = 'pending'`,
+		`DELETE FROM credit_holds`,
+		`UPDATE coupon_redemptions SET account_id = 'usr_other'`,
+		`DELETE FROM coupon_redemptions`,
+	} {
+		_, err := raw.ExecContext(ctx, q)
+		if err == nil || !strings.Contains(err.Error(), "once") && !strings.Contains(err.Error(), "append-only") && !strings.Contains(err.Error(), "kept") {
+			t.Errorf("%s: err = %v, want the trigger's refusal", q, err)
+		}
+	}
+	if sum, err := db.LedgerSum(ctx, accountID); err != nil || sum != 9 {
+		t.Errorf("LedgerSum = %d, %v; want 9", sum, err)
+	}
+}
+
+// seedGuarded writes what the guard tests try to change behind the store's
+// back: a grant, a coupon redemption, and a started run (a captured hold and
+// its charge). It returns the account's id.
+func seedGuarded(t *testing.T, db store.Store) string {
+	t.Helper()
+	ctx := t.Context()
 	u, err := db.UserCreate(ctx, store.UserCreateParams{Email: "guard@example.com", PasswordHash: "h", Role: store.RoleMember, Plan: store.PlanFree})
 	if err != nil {
 		t.Fatal(err)
@@ -42,27 +74,5 @@ func TestLedgerGuards(t *testing.T) {
 	if _, err := db.RunStart(ctx, store.RunStartParams{ID: run.ID, AgentID: "agt_1", LeaseID: "lse_1"}); err != nil {
 		t.Fatal(err)
 	}
-
-	raw, err := sql.Open("sqlite", "file:"+path+"?_pragma=busy_timeout(10000)")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer raw.Close()
-	for _, q := range []string{
-		`UPDATE ledger SET amount = amount + 1`,
-		`DELETE FROM ledger`,
-		`UPDATE credit_holds SET status = 'voided'`,
-		`UPDATE credit_holds SET status = 'pending'`,
-		`DELETE FROM credit_holds`,
-		`UPDATE coupon_redemptions SET account_id = 'usr_other'`,
-		`DELETE FROM coupon_redemptions`,
-	} {
-		_, err := raw.ExecContext(ctx, q)
-		if err == nil || !strings.Contains(err.Error(), "once") && !strings.Contains(err.Error(), "append-only") && !strings.Contains(err.Error(), "kept") {
-			t.Errorf("%s: err = %v, want the trigger's refusal", q, err)
-		}
-	}
-	if sum, err := db.LedgerSum(ctx, u.ID); err != nil || sum != 9 {
-		t.Errorf("LedgerSum = %d, %v; want 9", sum, err)
-	}
+	return u.ID
 }

@@ -212,30 +212,7 @@ func TestPostgresLedgerGuards(t *testing.T) {
 	ctx := t.Context()
 	url := pgtest.Schema(t, pgtest.Database(t))
 	db := openPG(t, url)
-	u, err := db.UserCreate(ctx, store.UserCreateParams{Email: "guard@example.com", PasswordHash: "h", Role: store.RoleMember, Plan: store.PlanFree})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := db.CreditsGrant(ctx, store.CreditsGrantParams{AccountID: u.ID, Amount: 10, Kind: store.LedgerGrant}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := db.CouponCreate(ctx, store.CouponCreateParams{Code: "g", Credits: 1, Active: true}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := db.CouponRedeem(ctx, store.CouponRedeemParams{Code: "g", AccountID: u.ID}); err != nil {
-		t.Fatal(err)
-	}
-	wf, err := db.WorkflowCreate(ctx, store.WorkflowCreateParams{AccountID: u.ID, Name: "wf", Status: protocol.WorkflowReady, Definition: []byte(storetest.Definition)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	run, err := db.RunCreate(ctx, store.RunCreateParams{AccountID: u.ID, WorkflowID: wf.ID, Cost: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := db.RunStart(ctx, store.RunStartParams{ID: run.ID, AgentID: "agt_1", LeaseID: "lse_1"}); err != nil {
-		t.Fatal(err)
-	}
+	accountID := seedGuarded(t, db)
 	raw := pgtest.OpenDB(t, url)
 	for _, q := range []string{
 		`UPDATE ledger SET amount = amount + 1`,
@@ -253,11 +230,11 @@ func TestPostgresLedgerGuards(t *testing.T) {
 			t.Errorf("%s: err = %v, want the trigger's refusal", q, err)
 		}
 	}
-	if sum, err := db.LedgerSum(ctx, u.ID); err != nil || sum != 9 {
+	if sum, err := db.LedgerSum(ctx, accountID); err != nil || sum != 9 {
 		t.Errorf("LedgerSum = %d, %v; want 9", sum, err)
 	}
 	// A pending hold may still be resolved, once.
-	if _, err := raw.ExecContext(ctx, `INSERT INTO credit_holds (id, account_id, run_id, amount, status, created_at) VALUES ('hld_x', $1, 'run_x', 1, 'pending', 0)`, u.ID); err != nil {
+	if _, err := raw.ExecContext(ctx, `INSERT INTO credit_holds (id, account_id, run_id, amount, status, created_at) VALUES ('hld_x', $1, 'run_x', 1, 'pending', 0)`, accountID); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := raw.ExecContext(ctx, `UPDATE credit_holds SET status = 'voided' WHERE id = 'hld_x'`); err != nil {
