@@ -7,7 +7,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/copelf/copelf/controlplane/internal/events"
@@ -380,8 +379,8 @@ type Feed struct {
 	// last change is always published.
 	BatchInterval time.Duration
 
-	seq          atomic.Uint64 // tells Run's publications apart
 	mu           sync.Mutex
+	runChanges   map[string]int  // changes of each run waiting for the writer
 	finished     map[string]bool // runs counted as finished (a bounded set)
 	order        []string
 	batchLast    map[string]time.Time // when each batch's event was last published
@@ -393,7 +392,7 @@ const DefaultBatchInterval = 250 * time.Millisecond
 
 // NewFeed returns the feed of s (whose Events must be set).
 func NewFeed(s *Server) *Feed {
-	f := &Feed{s: s, b: s.Events, m: s.metrics, BatchInterval: DefaultBatchInterval,
+	f := &Feed{s: s, b: s.Events, m: s.metrics, BatchInterval: DefaultBatchInterval, runChanges: map[string]int{},
 		finished: map[string]bool{}, batchLast: map[string]time.Time{}, batchPending: map[string]bool{}}
 	s.feed = f // the API publishes what no hook carries (a batch's creation)
 	return f
@@ -410,18 +409,9 @@ var (
 // API requests, the reaper) whose publications may reach the log in
 // another order than their commits; read at flush time, the states in the
 // log only move forward, and a stream never shows a run going back to an
-// earlier state.
-func (f *Feed) Run(r *store.Run) {
-	id := r.ID
-	f.b.PublishLazy("run:"+id+":"+strconv.FormatUint(f.seq.Add(1), 10), func(ctx context.Context) ([]events.Item, error) {
-		r, err := f.s.store.RunGet(ctx, id)
-		if err != nil {
-			return nil, err
-		}
-		f.after(r)
-		return []events.Item{f.runItem(r)}, nil
-	})
-}
+// earlier state. The run is read once per flush however many of its
+// changes wait.
+func (f *Feed) Run(r *store.Run) { f.RunByID(r.ID) }
 
 func (f *Feed) runItem(r *store.Run) events.Item {
 	return events.Item{AccountID: r.AccountID, Type: events.RunUpdated, SubjectID: r.ID, RunID: r.ID, Data: f.s.viewRun(r)}
@@ -463,15 +453,34 @@ func (f *Feed) firstFinish(runID string) bool {
 	return true
 }
 
-// RunByID publishes a run's state as it is when the log's writer flushes.
+// RunByID publishes a change of the run runID (see Run).
 func (f *Feed) RunByID(runID string) {
+	f.mu.Lock()
+	f.runChanges[runID]++
+	f.mu.Unlock()
+	// One builder per run and flush (the key): it emits an event for each
+	// change counted when it runs, from one read.
 	f.b.PublishLazy("run:"+runID, func(ctx context.Context) ([]events.Item, error) {
+		// Count first, then read: the state read includes every change
+		// counted (each was committed before it was published).
+		f.mu.Lock()
+		n := f.runChanges[runID]
+		delete(f.runChanges, runID)
+		f.mu.Unlock()
+		if n == 0 {
+			return nil, nil // an earlier flush's builder took these changes
+		}
 		r, err := f.s.store.RunGet(ctx, runID)
 		if err != nil {
 			return nil, err
 		}
 		f.after(r)
-		return []events.Item{f.runItem(r)}, nil
+		it := f.runItem(r)
+		items := make([]events.Item, n)
+		for i := range items {
+			items[i] = it
+		}
+		return items, nil
 	})
 }
 
