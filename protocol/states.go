@@ -113,3 +113,44 @@ const (
 	ReasonSessionExpired   = "session_expired"
 	ReasonLeaseLost        = "lease_lost"
 )
+
+// BatchCounts counts a batch's iterations by status, as GET
+// /v1/batches/{id} shows them (`counts`); an iteration without a run yet is
+// pending.
+type BatchCounts struct {
+	Total            int `json:"total"`
+	Pending          int `json:"pending"`
+	Queued           int `json:"queued"`
+	Running          int `json:"running"`
+	AwaitingApproval int `json:"awaitingApproval"`
+	Succeeded        int `json:"succeeded"`
+	Failed           int `json:"failed"`
+	TimedOut         int `json:"timedOut"`
+	Cancelled        int `json:"cancelled"`
+}
+
+// Add counts one iteration whose status (its run's, or "pending") is status.
+func (c *BatchCounts) Add(status string) {
+	c.Total++
+	switch RunStatus(status) {
+	case RunQueued:
+		c.Queued++
+	case RunRunning:
+		c.Running++
+	case RunAwaitingApproval:
+		c.AwaitingApproval++
+	case RunSucceeded:
+		c.Succeeded++
+	case RunFailed:
+		c.Failed++
+	case RunTimedOut:
+		c.TimedOut++
+	case RunCancelled:
+		c.Cancelled++
+	default:
+		c.Pending++
+	}
+}
+
+// Done counts the iterations whose run is terminal.
+func (c BatchCounts) Done() int { return c.Succeeded + c.Failed + c.TimedOut + c.Cancelled }

@@ -22,18 +22,6 @@ const (
 	maxBatchConcurrency = 100
 )
 
-type batchCounts struct {
-	Total            int `json:"total"`
-	Pending          int `json:"pending"`
-	Queued           int `json:"queued"`
-	Running          int `json:"running"`
-	AwaitingApproval int `json:"awaitingApproval"`
-	Succeeded        int `json:"succeeded"`
-	Failed           int `json:"failed"`
-	TimedOut         int `json:"timedOut"`
-	Cancelled        int `json:"cancelled"`
-}
-
 type iterationView struct {
 	Index  int            `json:"index"`
 	Inputs map[string]any `json:"inputs"`
@@ -48,7 +36,7 @@ type batchView struct {
 	Status        protocol.BatchStatus `json:"status"`
 	Concurrency   int                  `json:"concurrency"`
 	StopOnFailure bool                 `json:"stopOnFailure"`
-	Counts        batchCounts          `json:"counts"`
+	Counts        protocol.BatchCounts `json:"counts"`
 	Iterations    []iterationView      `json:"iterations"`
 	CreatedAt     time.Time            `json:"createdAt"`
 	StartedAt     *time.Time           `json:"startedAt,omitempty"`
@@ -61,26 +49,7 @@ func viewBatch(b *store.Batch, secrets []string) batchView {
 		Iterations: make([]iterationView, len(b.Iterations))}
 	for i, it := range b.Iterations {
 		v.Iterations[i] = iterationView{Index: it.Index, Inputs: redactInputs(it.Inputs, secrets), RunID: optString(it.RunID), Status: it.Status}
-		c := &v.Counts
-		c.Total++
-		switch protocol.RunStatus(it.Status) {
-		case protocol.RunQueued:
-			c.Queued++
-		case protocol.RunRunning:
-			c.Running++
-		case protocol.RunAwaitingApproval:
-			c.AwaitingApproval++
-		case protocol.RunSucceeded:
-			c.Succeeded++
-		case protocol.RunFailed:
-			c.Failed++
-		case protocol.RunTimedOut:
-			c.TimedOut++
-		case protocol.RunCancelled:
-			c.Cancelled++
-		default:
-			c.Pending++
-		}
+		v.Counts.Add(it.Status)
 	}
 	return v
 }

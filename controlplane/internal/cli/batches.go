@@ -85,7 +85,7 @@ func (a *app) printBatches(bs []BatchView) {
 	fmt.Fprintln(w, "BATCH\tWORKFLOW\tSTATUS\tDONE\tSUCCEEDED\tFAILED\tACTIVE\tCREATED")
 	for _, b := range bs {
 		c := b.Counts
-		fmt.Fprintf(w, "%s\t%s\t%s\t%d/%d\t%d\t%d\t%d\t%s\n", b.ID, b.WorkflowID, b.Status, c.done(), c.Total, c.Succeeded,
+		fmt.Fprintf(w, "%s\t%s\t%s\t%d/%d\t%d\t%d\t%d\t%s\n", b.ID, b.WorkflowID, b.Status, c.Done(), c.Total, c.Succeeded,
 			c.Failed+c.TimedOut, c.Queued+c.Running+c.AwaitingApproval, ago(now, b.CreatedAt))
 	}
 	w.Flush()
@@ -130,7 +130,7 @@ func (a *app) printBatch(b *BatchView, onlyUnsuccessful bool) {
 }
 
 // countsText is "7/10 done: succeeded 6, failed 1; running 2, queued 1".
-func countsText(c BatchCounts) string {
+func countsText(c protocol.BatchCounts) string {
 	var done, active []string
 	add := func(list *[]string, name string, n int) {
 		if n > 0 {
@@ -145,7 +145,7 @@ func countsText(c BatchCounts) string {
 	add(&active, "awaiting_approval", c.AwaitingApproval)
 	add(&active, "queued", c.Queued)
 	add(&active, "pending", c.Pending)
-	s := fmt.Sprintf("%d/%d done", c.done(), c.Total)
+	s := fmt.Sprintf("%d/%d done", c.Done(), c.Total)
 	if len(done) > 0 {
 		s += ": " + strings.Join(done, ", ")
 	}
@@ -205,7 +205,7 @@ func (w *batchWatch) setRun(raw json.RawMessage) (allDone bool, err error) {
 	it.Status, it.RunID = string(r.Status), r.ID
 	w.view.recount()
 	w.draw()
-	return w.view.Counts.Total > 0 && w.view.Counts.done() == w.view.Counts.Total, nil
+	return w.view.Counts.Total > 0 && w.view.Counts.Done() == w.view.Counts.Total, nil
 }
 
 // draw shows the progress: a bar redrawn in place on a terminal, else a
@@ -233,7 +233,7 @@ func (w *batchWatch) draw() {
 	barWidth := min(40, max(10, width/3))
 	filled := 0
 	if b.Counts.Total > 0 {
-		filled = barWidth * b.Counts.done() / b.Counts.Total
+		filled = barWidth * b.Counts.Done() / b.Counts.Total
 	}
 	bar := "[" + strings.Repeat("#", filled) + strings.Repeat("-", barWidth-filled) + "] "
 	text := bar + line

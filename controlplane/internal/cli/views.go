@@ -73,27 +73,12 @@ type BatchView struct {
 	Status        protocol.BatchStatus `json:"status"`
 	Concurrency   int                  `json:"concurrency"`
 	StopOnFailure bool                 `json:"stopOnFailure"`
-	Counts        BatchCounts          `json:"counts"`
+	Counts        protocol.BatchCounts `json:"counts"`
 	Iterations    []IterationView      `json:"iterations"`
 	CreatedAt     time.Time            `json:"createdAt"`
 	StartedAt     *time.Time           `json:"startedAt"`
 	FinishedAt    *time.Time           `json:"finishedAt"`
 }
-
-// BatchCounts counts a batch's iterations by status.
-type BatchCounts struct {
-	Total            int `json:"total"`
-	Pending          int `json:"pending"`
-	Queued           int `json:"queued"`
-	Running          int `json:"running"`
-	AwaitingApproval int `json:"awaitingApproval"`
-	Succeeded        int `json:"succeeded"`
-	Failed           int `json:"failed"`
-	TimedOut         int `json:"timedOut"`
-	Cancelled        int `json:"cancelled"`
-}
-
-func (c BatchCounts) done() int { return c.Succeeded + c.Failed + c.TimedOut + c.Cancelled }
 
 // IterationView is one iteration of a batch.
 type IterationView struct {
@@ -105,29 +90,10 @@ type IterationView struct {
 
 // recount sets the counts from the iterations, as the server does.
 func (b *BatchView) recount() {
-	c := BatchCounts{}
+	b.Counts = protocol.BatchCounts{}
 	for _, it := range b.Iterations {
-		c.Total++
-		switch protocol.RunStatus(it.Status) {
-		case protocol.RunQueued:
-			c.Queued++
-		case protocol.RunRunning:
-			c.Running++
-		case protocol.RunAwaitingApproval:
-			c.AwaitingApproval++
-		case protocol.RunSucceeded:
-			c.Succeeded++
-		case protocol.RunFailed:
-			c.Failed++
-		case protocol.RunTimedOut:
-			c.TimedOut++
-		case protocol.RunCancelled:
-			c.Cancelled++
-		default:
-			c.Pending++
-		}
+		b.Counts.Add(it.Status)
 	}
-	b.Counts = c
 }
 
 // ApprovalView is an approval request.
