@@ -24,17 +24,10 @@ func (a *app) approvalsCommand() *ffcli.Command {
 				if status != "all" && status != "" {
 					q.Set("status", status)
 				}
-				var p page[ApprovalView]
-				raw, err := a.client.Do(ctx, "GET", "/v1/approvals"+ls.query(q), nil, &p)
-				if err != nil {
-					return err
-				}
-				if a.json() {
-					return a.printRaw(raw)
-				}
-				a.printApprovals(p.Items)
-				a.more(p.NextCursor, "copelf approvals ls")
-				return nil
+				return show(ctx, a, "GET", "/v1/approvals"+ls.query(q), nil, func(p page[ApprovalView]) {
+					a.printApprovals(p.Items)
+					a.more(p.NextCursor, "copelf approvals ls")
+				})
 			}),
 		a.resolveCommand("approve", true),
 		a.resolveCommand("reject", false),

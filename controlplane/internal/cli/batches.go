@@ -19,30 +19,16 @@ func (a *app) batchesCommand() *ffcli.Command {
 	return group("batches", "copelf batches <ls|get|watch> …", "list, show and follow batches",
 		a.leaf("batches ls", "copelf batches ls [-limit N] [-cursor C]", "list batches with their progress", 0, ls.register,
 			func(ctx context.Context, _ []string) error {
-				var p page[BatchView]
-				raw, err := a.client.Do(ctx, "GET", "/v1/batches"+ls.query(url.Values{}), nil, &p)
-				if err != nil {
-					return err
-				}
-				if a.json() {
-					return a.printRaw(raw)
-				}
-				a.printBatches(p.Items)
-				a.more(p.NextCursor, "copelf batches ls")
-				return nil
+				return show(ctx, a, "GET", "/v1/batches"+ls.query(url.Values{}), nil, func(p page[BatchView]) {
+					a.printBatches(p.Items)
+					a.more(p.NextCursor, "copelf batches ls")
+				})
 			}),
 		a.leaf("batches get", "copelf batches get <batchId>", "show a batch and its iterations", 1, nil,
 			func(ctx context.Context, args []string) error {
-				var b BatchView
-				raw, err := a.client.Do(ctx, "GET", "/v1/batches/"+url.PathEscape(args[0]), nil, &b)
-				if err != nil {
-					return err
-				}
-				if a.json() {
-					return a.printRaw(raw)
-				}
-				a.printBatch(&b, false)
-				return nil
+				return show(ctx, a, "GET", "/v1/batches/"+url.PathEscape(args[0]), nil, func(b BatchView) {
+					a.printBatch(&b, false)
+				})
 			}),
 		a.leaf("batches watch", "copelf batches watch <batchId>",
 			"follow a batch with a progress bar until it ends; the exit status says how it ended", 1, nil,

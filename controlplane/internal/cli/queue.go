@@ -130,16 +130,9 @@ func (a *app) agentsCommand() *ffcli.Command {
 			if account != "" {
 				path += "?" + url.Values{"accountId": {account}}.Encode()
 			}
-			var p page[AgentView]
-			raw, err := a.client.Do(ctx, "GET", path, nil, &p)
-			if err != nil {
-				return err
-			}
-			if a.json() {
-				return a.printRaw(raw)
-			}
-			a.printAgents(p.Items)
-			return nil
+			return show(ctx, a, "GET", path, nil, func(p page[AgentView]) {
+				a.printAgents(p.Items)
+			})
 		})
 }
 

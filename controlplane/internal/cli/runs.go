@@ -115,30 +115,16 @@ func (a *app) runsCommand() *ffcli.Command {
 						q.Set(k, v)
 					}
 				}
-				var p page[RunView]
-				raw, err := a.client.Do(ctx, "GET", "/v1/runs"+ls.query(q), nil, &p)
-				if err != nil {
-					return err
-				}
-				if a.json() {
-					return a.printRaw(raw)
-				}
-				a.printRuns(p.Items)
-				a.more(p.NextCursor, "copelf runs ls")
-				return nil
+				return show(ctx, a, "GET", "/v1/runs"+ls.query(q), nil, func(p page[RunView]) {
+					a.printRuns(p.Items)
+					a.more(p.NextCursor, "copelf runs ls")
+				})
 			}),
 		a.leaf("runs get", "copelf runs get <runId>", "show a run with its steps and outputs", 1, nil,
 			func(ctx context.Context, args []string) error {
-				var r RunView
-				raw, err := a.client.Do(ctx, "GET", "/v1/runs/"+url.PathEscape(args[0]), nil, &r)
-				if err != nil {
-					return err
-				}
-				if a.json() {
-					return a.printRaw(raw)
-				}
-				a.printRun(&r)
-				return nil
+				return show(ctx, a, "GET", "/v1/runs/"+url.PathEscape(args[0]), nil, func(r RunView) {
+					a.printRun(&r)
+				})
 			}),
 		a.runsCreate(),
 		a.leaf("runs cancel", "copelf runs cancel <runId>",
@@ -337,4 +323,19 @@ func (a *app) printRun(r *RunView) {
 		fmt.Fprintln(a.stdout, "\noutputs")
 		printMap(a.stdout, r.Outputs)
 	}
+}
+
+// show sends a request and prints the answer: the API's JSON as it came
+// with -o json, else as render draws it.
+func show[T any](ctx context.Context, a *app, method, path string, body any, render func(T)) error {
+	var v T
+	raw, err := a.client.Do(ctx, method, path, body, &v)
+	if err != nil {
+		return err
+	}
+	if a.json() {
+		return a.printRaw(raw)
+	}
+	render(v)
+	return nil
 }
