@@ -317,6 +317,20 @@ type testAgent struct {
 	errs []string
 	seq  map[string]int64
 	runs map[string]*agentRun
+	// hold, when set, keeps every extract step running (after its
+	// step_started) until the channel is closed, so a test can see the
+	// running state before the step ends.
+	hold chan struct{}
+}
+
+// holdExtract makes the agent keep its extract steps running until the
+// returned function is called.
+func (ag *testAgent) holdExtract() (release func()) {
+	ch := make(chan struct{})
+	ag.mu.Lock()
+	ag.hold = ch
+	ag.mu.Unlock()
+	return sync.OnceFunc(func() { close(ch) })
 }
 
 type agentRun struct {
@@ -462,6 +476,16 @@ func (ag *testAgent) advance(r *agentRun) {
 		ev := protocol.Event{Kind: protocol.EventStepFinished, Step: &step, Status: "succeeded", DurationMs: &d, Attempts: 1}
 		if steps[step].Type == protocol.StepExtract {
 			ev.Output = "42.00"
+			ag.mu.Lock()
+			hold := ag.hold
+			ag.mu.Unlock()
+			if hold != nil {
+				select {
+				case <-hold:
+				case <-time.After(wait):
+					ag.fail("step %d was held for %s and never released", step, wait)
+				}
+			}
 		}
 		ag.event(r, ev)
 		r.next++

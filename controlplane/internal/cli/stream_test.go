@@ -192,7 +192,9 @@ func TestRunsWatchFollowsTheStream(t *testing.T) {
 	if !s.hasStreams(t, a) {
 		t.Skip("the server has no event streams yet")
 	}
-	s.connectAgent(t, a, "agent-stream", 1)
+	ag := s.connectAgent(t, a, "agent-stream", 1)
+	release := ag.holdExtract()
+	defer release()
 	p := newProxy(t, s, "cut")
 
 	id := s.createRun(t, a, s.workflow(t, a, true), nil)
@@ -213,6 +215,10 @@ func TestRunsWatchFollowsTheStream(t *testing.T) {
 	}
 	w.waitOutput(t, id+" awaiting_approval")
 	copelf(t, s.as(a), "approvals", "approve", apr)
+	// The agent keeps step 2 running until the watch has shown it, so the
+	// step's end replacing its running line is seen whatever the timing.
+	w.waitOutput(t, "  step 2  extract   running\n")
+	release()
 	res := w.result(t)
 	wantExit(t, res, ExitOK)
 	wantContains(t, "watch", res.stdout, "step 1  approval  succeeded", "step 2  extract   succeeded", id+" succeeded")
