@@ -1,6 +1,7 @@
 package api
 
 import (
+	"context"
 	"encoding/csv"
 	"encoding/json"
 	"errors"
@@ -8,6 +9,7 @@ import (
 	"io"
 	"mime"
 	"net/http"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -87,7 +89,7 @@ func (s *Server) createBatch(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	params := store.BatchCreateParams{AccountID: p.AccountID(), WorkflowID: wf.ID, Concurrency: 1}
+	params := store.BatchCreateParams{AccountID: p.AccountID(), WorkflowID: wf.ID, Concurrency: 1, SecretNames: secretNames(def)}
 	mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
 	if mt == "text/csv" {
 		params.Iterations, err = csvIterations(w, r, def)
@@ -251,11 +253,11 @@ func (s *Server) ownBatch(r *http.Request, p *Principal) (*store.Batch, error) {
 	return b, nil
 }
 
-// batchSecrets returns the secret variable names of a batch's workflow. It
-// fails rather than answer without them: a batch's inputs must never be
-// shown unredacted.
-func (s *Server) batchSecrets(r *http.Request, b *store.Batch) ([]string, error) {
-	wf, err := s.store.WorkflowGet(r.Context(), b.WorkflowID)
+// workflowSecrets returns the secret variable names of a workflow's current
+// definition. It fails rather than answer without them: a batch's inputs
+// must never be shown unredacted.
+func (s *Server) workflowSecrets(ctx context.Context, workflowID string) ([]string, error) {
+	wf, err := s.store.WorkflowGet(ctx, workflowID)
 	if err != nil {
 		return nil, err
 	}
@@ -266,13 +268,26 @@ func (s *Server) batchSecrets(r *http.Request, b *store.Batch) ([]string, error)
 	return secretNames(&def), nil
 }
 
+// batchSecrets are the inputs a batch's views and runs redact: those secret
+// when the batch was created and those secret in its workflow now (an input
+// made secret later is hidden too; one made plain later stays hidden).
+func batchSecrets(b *store.Batch, current []string) []string {
+	out := slices.Clone(b.SecretNames)
+	for _, n := range current {
+		if !slices.Contains(out, n) {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
 // writeBatch answers with a batch, its secret inputs redacted.
 func (s *Server) writeBatch(w http.ResponseWriter, r *http.Request, status int, b *store.Batch) error {
-	secrets, err := s.batchSecrets(r, b)
+	current, err := s.workflowSecrets(r.Context(), b.WorkflowID)
 	if err != nil {
 		return err
 	}
-	return writeJSON(w, status, viewBatch(b, secrets))
+	return writeJSON(w, status, viewBatch(b, batchSecrets(b, current)))
 }
 
 func (s *Server) getBatch(w http.ResponseWriter, r *http.Request) error {
@@ -300,7 +315,8 @@ func (s *Server) listBatches(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	// Batches of one workflow share its secret names: look each up once.
+	// Batches of one workflow share its current secret names: look each
+	// workflow up once.
 	secrets := map[string][]string{}
 	views := make([]batchView, len(items))
 	for i, b := range items {
@@ -310,12 +326,12 @@ func (s *Server) listBatches(w http.ResponseWriter, r *http.Request) error {
 		}
 		names, ok := secrets[full.WorkflowID]
 		if !ok {
-			if names, err = s.batchSecrets(r, full); err != nil {
+			if names, err = s.workflowSecrets(r.Context(), full.WorkflowID); err != nil {
 				return err
 			}
 			secrets[full.WorkflowID] = names
 		}
-		views[i] = viewBatch(full, names)
+		views[i] = viewBatch(full, batchSecrets(full, names))
 	}
 	return writeJSON(w, http.StatusOK, listBody(views, next))
 }
@@ -346,7 +362,8 @@ func (s *Server) startBatch(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	started, err := s.store.BatchStart(r.Context(), store.BatchStartParams{ID: b.ID, Steps: initialSteps(def), SecretNames: secretNames(def), TimeoutMs: def.TimeoutMs, Cost: s.cfg.RunCost})
+	secrets := batchSecrets(b, secretNames(def))
+	started, err := s.store.BatchStart(r.Context(), store.BatchStartParams{ID: b.ID, Steps: initialSteps(def), SecretNames: secrets, TimeoutMs: def.TimeoutMs, Cost: s.cfg.RunCost})
 	if err != nil {
 		return err
 	}
@@ -357,7 +374,7 @@ func (s *Server) startBatch(w http.ResponseWriter, r *http.Request) error {
 			}
 		}
 	}
-	return writeJSON(w, http.StatusOK, viewBatch(started, secretNames(def)))
+	return writeJSON(w, http.StatusOK, viewBatch(started, secrets))
 }
 
 func (s *Server) cancelBatch(w http.ResponseWriter, r *http.Request) error {

@@ -525,15 +525,11 @@ func (f *Feed) publishBatch(batchID string) {
 		if err != nil {
 			return nil, err
 		}
-		wf, err := f.s.store.WorkflowGet(ctx, b.WorkflowID)
+		current, err := f.s.workflowSecrets(ctx, b.WorkflowID)
 		if err != nil {
 			return nil, err
 		}
-		var def protocol.Definition
-		if err := json.Unmarshal(wf.Definition, &def); err != nil {
-			return nil, err
-		}
-		return []events.Item{{AccountID: b.AccountID, Type: events.BatchUpdated, SubjectID: b.ID, Data: viewBatch(b, secretNames(&def))}}, nil
+		return []events.Item{{AccountID: b.AccountID, Type: events.BatchUpdated, SubjectID: b.ID, Data: viewBatch(b, batchSecrets(b, current))}}, nil
 	})
 }
 

@@ -202,9 +202,12 @@ type Batch struct {
 	Concurrency   int                  `json:"concurrency"`
 	StopOnFailure bool                 `json:"stopOnFailure"`
 	Iterations    []BatchIteration     `json:"iterations"`
-	CreatedAt     time.Time            `json:"createdAt"`
-	StartedAt     *time.Time           `json:"startedAt,omitempty"`
-	FinishedAt    *time.Time           `json:"finishedAt,omitempty"`
+	// SecretNames are the inputs of type secret when the batch was created;
+	// they stay redacted whatever the definition says later.
+	SecretNames []string   `json:"-"`
+	CreatedAt   time.Time  `json:"createdAt"`
+	StartedAt   *time.Time `json:"startedAt,omitempty"`
+	FinishedAt  *time.Time `json:"finishedAt,omitempty"`
 }
 
 // BatchIteration is one row of a batch. Status is "pending" before the batch
@@ -459,6 +462,7 @@ type (
 		Concurrency   int
 		StopOnFailure bool
 		Iterations    []map[string]any
+		SecretNames   []string
 	}
 	BatchStartParams struct {
 		ID          string

@@ -9,14 +9,18 @@ import (
 	"github.com/copelf/copelf/protocol"
 )
 
-const batchColumns = `id, account_id, workflow_id, status, concurrency, stop_on_failure, created_at, started_at, finished_at`
+const batchColumns = `id, account_id, workflow_id, status, concurrency, stop_on_failure, secret_names, created_at, started_at, finished_at`
 
 func scanBatch(row interface{ Scan(...any) error }) (*store.Batch, error) {
 	var b store.Batch
 	var stop int
 	var created int64
 	var started, finished sql.NullInt64
-	if err := row.Scan(&b.ID, &b.AccountID, &b.WorkflowID, &b.Status, &b.Concurrency, &stop, &created, &started, &finished); err != nil {
+	var secretNames sql.NullString
+	if err := row.Scan(&b.ID, &b.AccountID, &b.WorkflowID, &b.Status, &b.Concurrency, &stop, &secretNames, &created, &started, &finished); err != nil {
+		return nil, err
+	}
+	if err := unmarshalAll(secretNames.String, &b.SecretNames); err != nil {
 		return nil, err
 	}
 	b.StopOnFailure = stop != 0
@@ -27,15 +31,15 @@ func scanBatch(row interface{ Scan(...any) error }) (*store.Batch, error) {
 
 func (s *DB) BatchCreate(ctx context.Context, p store.BatchCreateParams) (*store.Batch, error) {
 	b := &store.Batch{ID: ids.New(ids.Batch), AccountID: p.AccountID, WorkflowID: p.WorkflowID, Status: protocol.BatchCreated,
-		Concurrency: max(1, p.Concurrency), StopOnFailure: p.StopOnFailure, CreatedAt: s.now()}
+		Concurrency: max(1, p.Concurrency), StopOnFailure: p.StopOnFailure, SecretNames: p.SecretNames, CreatedAt: s.now()}
 	stop := 0
 	if b.StopOnFailure {
 		stop = 1
 	}
 	err := s.tx(ctx, func(tx *sql.Tx) error {
 		b.Iterations = b.Iterations[:0]
-		if _, err := s.exec(ctx, tx, `INSERT INTO batches (id, account_id, workflow_id, status, concurrency, stop_on_failure, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)`,
-			b.ID, b.AccountID, b.WorkflowID, b.Status, b.Concurrency, stop, ms(b.CreatedAt)); err != nil {
+		if _, err := s.exec(ctx, tx, `INSERT INTO batches (id, account_id, workflow_id, status, concurrency, stop_on_failure, secret_names, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+			b.ID, b.AccountID, b.WorkflowID, b.Status, b.Concurrency, stop, jsonText(b.SecretNames), ms(b.CreatedAt)); err != nil {
 			return err
 		}
 		for i, in := range p.Iterations {
