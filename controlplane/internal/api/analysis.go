@@ -369,7 +369,9 @@ func (s *Server) videoReader(r *http.Request) (*store.Workflow, error) {
 		return nil, err
 	}
 	if p.Token.Kind == store.TokenAnalyzer {
-		addLogField(r.Context(), "userId", p.User.ID)
+		if err := analyzerAllowed(r, p); err != nil {
+			return nil, err
+		}
 		return s.liveWorkflow(r)
 	}
 	if p, err = s.auth(r); err != nil {
@@ -389,8 +391,7 @@ func (s *Server) authAnalyzer(r *http.Request) (*Principal, error) {
 		return nil, err
 	}
 	if p.Token.Kind == store.TokenAnalyzer {
-		addLogField(r.Context(), "userId", p.User.ID)
-		return p, nil
+		return p, analyzerAllowed(r, p)
 	}
 	p, err = s.auth(r)
 	if err != nil {
@@ -400,6 +401,17 @@ func (s *Server) authAnalyzer(r *http.Request) (*Principal, error) {
 		return nil, protocol.Errorf(protocol.CodeForbidden, "Analysis is done with an analyzer token or by an admin.").With("requiredRole", store.RoleAdmin)
 	}
 	return p, nil
+}
+
+// analyzerAllowed checks an analyzer token's principal: the token works only
+// while the admin who created it is still an admin (analyzer tokens are
+// created by admins; demoting the admin stops their tokens).
+func analyzerAllowed(r *http.Request, p *Principal) error {
+	addLogField(r.Context(), "userId", p.User.ID)
+	if !p.Can(store.RoleAdmin) {
+		return protocol.Errorf(protocol.CodeForbidden, "The analyzer token's creator is no longer an admin.").With("requiredRole", store.RoleAdmin)
+	}
+	return nil
 }
 
 // liveWorkflow loads the path's workflow whoever owns it; deleted ones

@@ -614,7 +614,11 @@ func TestAnalysisTimeoutAcrossRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	analyzer, err := api.CreateToken(ctx, first.Store, owner.ID, store.TokenAnalyzer, "analyzer") // as an admin would
+	admin, err := first.Store.UserCreate(ctx, store.UserCreateParams{Email: "admin@example.com", PasswordHash: "x", Role: store.RoleAdmin, Plan: store.PlanPro})
+	if err != nil {
+		t.Fatal(err)
+	}
+	analyzer, err := api.CreateToken(ctx, first.Store, admin.ID, store.TokenAnalyzer, "analyzer") // as the admin would
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -799,4 +803,32 @@ func TestAnalysisErrors(t *testing.T) {
 	wantVideoFiles(t, dataDir, 0)
 	expectError(t, e.get("/v1/workflows/"+wf+"/video", analyzer), protocol.CodeWorkflowNotFound)
 	expectError(t, e.post("/v1/workflows/"+wf+"/analysis/claim", analyzer, nil), protocol.CodeWorkflowNotFound)
+}
+
+// TestAnalyzerTokenOfANonAdmin: an analyzer token works only while its
+// creator is an admin. One held by a member (its admin demoted in the
+// database: the API has no demotion) is forbidden on every analyzer route.
+func TestAnalyzerTokenOfANonAdmin(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, api.Config{DataDir: t.TempDir()})
+	owner := e.newUser(store.RoleMember, store.PlanPro, 10)
+	r := e.upload(owner.Token, "recorded", readTestVideo(t, "sample-20s.mp4"))
+	expectStatus(t, r, http.StatusCreated)
+	wf := decodeWorkflow(t, r)
+	stale, err := api.CreateToken(context.Background(), e.Store, owner.ID, store.TokenAnalyzer, "left over")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, rq := range []request{
+		{Method: "GET", Path: "/v1/analysis/workflows"},
+		{Method: "POST", Path: "/v1/workflows/" + wf.ID + "/analysis/claim"},
+		{Method: "GET", Path: "/v1/workflows/" + wf.ID + "/video"},
+	} {
+		rq.Token = stale
+		if er := expectError(t, e.do(rq), protocol.CodeForbidden); er.Details["requiredRole"] != string(store.RoleAdmin) {
+			t.Errorf("%s %s: details %v", rq.Method, rq.Path, er.Details)
+		}
+	}
+	// The admin's own analyzer token works.
+	expectStatus(t, e.post("/v1/workflows/"+wf.ID+"/analysis/claim", e.analyzerToken("current"), nil), http.StatusOK)
 }
