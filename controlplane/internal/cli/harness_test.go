@@ -317,6 +317,14 @@ type testAgent struct {
 	errs []string
 	seq  map[string]int64
 	runs map[string]*agentRun
+	// cancelled are the runs the server told the agent to stop, and
+	// conflicts the conflict errors about each run: frames the agent had
+	// sent before it heard of a cancel are refused (the run is no longer
+	// queued, has finished, or its lease is gone), as protocol/README.md
+	// says. Such refusals are expected for a cancelled run and errors for
+	// any other.
+	cancelled map[string]bool
+	conflicts map[string][]string
 	// hold, when set, keeps every extract step running (after its
 	// step_started) until the channel is closed, so a test can see the
 	// running state before the step ends.
@@ -346,7 +354,8 @@ func (s *server) connectAgent(t testing.TB, a *account, name string, slots int) 
 	if err != nil {
 		t.Fatalf("dial: %v (%v)", err, res)
 	}
-	ag := &testAgent{t: t, ws: ws, done: make(chan struct{}), seq: map[string]int64{}, runs: map[string]*agentRun{}}
+	ag := &testAgent{t: t, ws: ws, done: make(chan struct{}), seq: map[string]int64{}, runs: map[string]*agentRun{},
+		cancelled: map[string]bool{}, conflicts: map[string][]string{}}
 	ag.send(&protocol.Hello{Protocol: protocol.Version, Token: a.AgentToken,
 		Agent: protocol.AgentInfo{ID: name, Name: name, Kind: protocol.AgentHeadless, Version: "test", Slots: slots, Labels: map[string]string{"suite": "cli"}}})
 	ws.SetReadDeadline(time.Now().Add(wait))
@@ -369,6 +378,13 @@ func (s *server) connectAgent(t testing.TB, a *account, name string, slots int) 
 		defer ag.mu.Unlock()
 		for _, e := range ag.errs {
 			t.Errorf("agent %s: %s", name, e)
+		}
+		for run, errs := range ag.conflicts {
+			if !ag.cancelled[run] {
+				for _, e := range errs {
+					t.Errorf("agent %s: server error frame: %s", name, e)
+				}
+			}
 		}
 	})
 	return ag
@@ -433,6 +449,9 @@ func (ag *testAgent) loop() {
 			r.next++
 			ag.advance(r)
 		case *protocol.Cancel:
+			ag.mu.Lock()
+			ag.cancelled[f.RunID] = true
+			ag.mu.Unlock()
 			r := ag.runs[f.RunID]
 			if r == nil {
 				continue
@@ -441,6 +460,12 @@ func (ag *testAgent) loop() {
 			ag.event(r, protocol.Event{Kind: protocol.EventFinished, Status: string(protocol.RunCancelled)})
 		case *protocol.Ack, *protocol.Heartbeat:
 		case *protocol.ErrorFrame:
+			if f.Code == protocol.CodeConflict && f.RunID != "" {
+				ag.mu.Lock()
+				ag.conflicts[f.RunID] = append(ag.conflicts[f.RunID], string(data))
+				ag.mu.Unlock()
+				continue
+			}
 			ag.fail("server error frame: %s", data)
 		}
 	}
