@@ -458,7 +458,8 @@ func TestBatchesWatchToCompletion(t *testing.T) {
 		id := s.batch(t, a, s.workflow(t, a, false), 1, "hang", "succeeded")
 		s.call(t, "POST", "/v1/batches/"+id+"/start", a.Token, nil, 200)
 		w := startBG(s.as(a), -1, "batches", "watch", id)
-		w.waitOutput(t, "running 1")
+		// The hang iteration (0: batches run in iteration order) runs.
+		w.waitOutput(t, "0/2 done; running 1")
 		s.call(t, "POST", "/v1/batches/"+id+"/cancel", a.Token, nil, 200)
 		res := w.result(t)
 		wantExit(t, res, ExitCancelled)

@@ -72,7 +72,7 @@ func limitClause(n int) string { return ` LIMIT ` + strconv.Itoa(max(n, 0)) }
 func (s *DB) RunQueuedList(ctx context.Context, accountID string, limit int) ([]*store.Run, error) {
 	return queryAll(ctx, s, `SELECT `+prefixed("r.", runColumns)+` FROM runs r
 		WHERE r.account_id = ? AND r.status = 'queued' AND r.lease_id IS NULL AND `+batchHasRoom+`
-		ORDER BY r.queued_at, r.id`+limitClause(limit), []any{accountID}, scanRun)
+		ORDER BY r.queued_at, r.iteration, r.id`+limitClause(limit), []any{accountID}, scanRun)
 }
 
 // RunAssign claims runs in one transaction; each claim is a guarded update.

@@ -1648,6 +1648,31 @@ func testBatches(t *testing.T, open Opener) {
 		wantErr(t, err, protocol.CodeBatchNotFound)
 	})
 
+	t.Run("DispatchInIterationOrder", func(t *testing.T) {
+		t.Parallel()
+		const n = 20
+		ctx, b := setup(t, open, n)
+		bt, err := b.st.BatchCreate(ctx, store.BatchCreateParams{AccountID: b.user.ID, WorkflowID: b.wf.ID, Iterations: iterations(n), Concurrency: n,
+			SecretNames: []string{"pin"}})
+		if err != nil {
+			t.Fatalf("BatchCreate: %v", err)
+		}
+		if got := b.getBatch(t, ctx, bt.ID); !reflect.DeepEqual(got.SecretNames, []string{"pin"}) {
+			t.Errorf("secret names = %q, want [pin]", got.SecretNames)
+		}
+		b.startBatch(t, ctx, bt.ID, 1)
+		// Queued in one transaction (one queued_at), taken in iteration order.
+		queued, err := b.st.RunQueuedList(ctx, b.user.ID, 2*n)
+		if err != nil || len(queued) != n {
+			t.Fatalf("RunQueuedList = %d runs, %v", len(queued), err)
+		}
+		for i, r := range queued {
+			if r.Iteration == nil || *r.Iteration != i {
+				t.Fatalf("queued run %d is not iteration %d: %+v", i, i, r)
+			}
+		}
+	})
+
 	t.Run("StartWithoutCreditsQueuesNothing", func(t *testing.T) {
 		t.Parallel()
 		ctx, b := setup(t, open, 5)
