@@ -114,6 +114,16 @@ const (
 	ReasonLeaseLost        = "lease_lost"
 )
 
+// ReasonDatabaseUnavailable is details.reason of the internal error that
+// answers a request or a frame while the control plane's database server
+// cannot be reached: the same request may succeed when retried.
+const ReasonDatabaseUnavailable = "database_unavailable"
+
+// DatabaseUnavailable is the error of ReasonDatabaseUnavailable.
+func DatabaseUnavailable() *Error {
+	return Errorf(CodeInternal, "The database is unavailable; retry in a moment.").With("reason", ReasonDatabaseUnavailable)
+}
+
 // BatchCounts counts a batch's iterations by status, as GET
 // /v1/batches/{id} shows them (`counts`); an iteration without a run yet is
 // pending.

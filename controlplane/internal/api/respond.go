@@ -42,7 +42,7 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 			// The database server is down or restarting: the request may
 			// succeed when retried, and the store reconnects by itself.
 			log.Warn("database unavailable")
-			e = protocol.Errorf(protocol.CodeInternal, "The database is unavailable; retry in a moment.").With("reason", ReasonDatabaseUnavailable)
+			e = protocol.DatabaseUnavailable()
 			w.Header().Set("Retry-After", "1")
 		default:
 			log.Error("internal error")
@@ -61,7 +61,7 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 
 // ReasonDatabaseUnavailable is details.reason of the internal error that
 // answers a request while the database server cannot be reached.
-const ReasonDatabaseUnavailable = "database_unavailable"
+const ReasonDatabaseUnavailable = protocol.ReasonDatabaseUnavailable
 
 // databaseUnavailable reports whether the store says err means its
 // database server cannot be reached (sqlstore.DB.Unavailable).

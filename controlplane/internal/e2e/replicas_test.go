@@ -639,7 +639,7 @@ func TestReplicasDatabaseOutage(t *testing.T) {
 	}
 	// The agent's report cannot be stored: an error, no ack.
 	ag.send(&protocol.Event{RunID: as.RunID, LeaseID: as.LeaseID, Seq: 2, Kind: protocol.EventFinished, Status: "succeeded"})
-	if f := expectFrame[*protocol.ErrorFrame](ag); f.Code != protocol.CodeInternal {
+	if f := expectFrame[*protocol.ErrorFrame](ag); f.Code != protocol.CodeInternal || f.Details["reason"] != protocol.ReasonDatabaseUnavailable || f.RunID != as.RunID {
 		t.Fatalf("report during the outage: %+v", f)
 	}
 

@@ -328,7 +328,14 @@ func (c *conn) sendFrame(f protocol.Frame) {
 
 func (c *conn) sendError(err error, runID string) {
 	var pe *protocol.Error
-	if !errors.As(err, &pe) {
+	switch {
+	case errors.As(err, &pe):
+	case databaseUnavailable(c.h.store, err):
+		// The database server is down or restarting: the agent keeps the
+		// frame (no ack) and sends it again; nothing failed here.
+		c.log.WithError(err).WithField("runId", runID).Warn("agent frame refused: database unavailable")
+		pe = protocol.DatabaseUnavailable()
+	default:
 		c.log.WithError(err).WithField("runId", runID).Error("agent frame failed")
 		pe = protocol.NewError(protocol.CodeInternal)
 	}
@@ -427,4 +434,11 @@ func (c *conn) readLoop() (unruly bool) {
 			return true
 		}
 	}
+}
+
+// databaseUnavailable reports whether the store says err means its database
+// server cannot be reached (sqlstore.DB.Unavailable).
+func databaseUnavailable(st any, err error) bool {
+	u, ok := st.(interface{ Unavailable(error) bool })
+	return ok && u.Unavailable(err)
 }
