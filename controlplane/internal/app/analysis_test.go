@@ -46,7 +46,8 @@ func uploadRecording(t *testing.T, c *http.Client, url, token, file string) map[
 // start (on the same database, with -analysis-timeout shorter than the
 // time that passed) fails it with analysis.error.code "timeout" — the
 // reaper's first pass, before anything else happens. Stale temporary
-// uploads in the data directory are removed at start.
+// uploads in the data directory are removed at start, and so are videos
+// older than an hour that no live workflow uses.
 func TestAnalysisTimeoutSurvivesRestart(t *testing.T) {
 	const token = "copelf-test-admin-token-analysis"
 	t.Setenv("COPELF_ADMIN_TOKEN", token)
@@ -62,13 +63,25 @@ func TestAnalysisTimeoutSurvivesRestart(t *testing.T) {
 	if err := in.stop(); err != nil {
 		t.Fatal(err)
 	}
-	stale := filepath.Join(dir, "data", "videos", ".upload-crashed")
-	if err := os.WriteFile(stale, []byte("partial"), 0o600); err != nil {
-		t.Fatal(err)
+	videos := filepath.Join(dir, "data", "videos")
+	entries, _ := os.ReadDir(videos)
+	if len(entries) != 1 {
+		t.Fatalf("video directory: %v, want the one video", entries)
+	}
+	used := filepath.Join(videos, entries[0].Name())
+	stale := filepath.Join(videos, ".upload-crashed")
+	orphan := filepath.Join(videos, "vid_"+strings.Repeat("a", 26))      // no workflow has it
+	youngOrphan := filepath.Join(videos, "vid_"+strings.Repeat("b", 26)) // maybe on its way into one
+	for _, f := range []string{stale, orphan, youngOrphan} {
+		if err := os.WriteFile(f, []byte("partial"), 0o600); err != nil {
+			t.Fatal(err)
+		}
 	}
 	old := time.Now().Add(-2 * time.Hour)
-	if err := os.Chtimes(stale, old, old); err != nil {
-		t.Fatal(err)
+	for _, f := range []string{stale, orphan, used} {
+		if err := os.Chtimes(f, old, old); err != nil {
+			t.Fatal(err)
+		}
 	}
 
 	in2 := startApp(t, append(baseArgs(dir), "-analysis-timeout", "1ms")...)
@@ -88,11 +101,14 @@ func TestAnalysisTimeoutSurvivesRestart(t *testing.T) {
 	if got["status"] != "analysis_failed" || errObj["code"] != "timeout" || analysis["finishedAt"] == nil {
 		t.Fatalf("after the restart: %v", got)
 	}
-	if _, err := os.Stat(stale); !os.IsNotExist(err) {
-		t.Errorf("the stale upload is still there: %v", err)
+	for _, f := range []string{stale, orphan} {
+		if _, err := os.Stat(f); !os.IsNotExist(err) {
+			t.Errorf("%s is still there: %v", filepath.Base(f), err)
+		}
 	}
-	entries, _ := os.ReadDir(filepath.Join(dir, "data", "videos"))
-	if len(entries) != 1 || strings.HasPrefix(entries[0].Name(), ".") {
-		t.Errorf("video directory: %v, want the one video", entries)
+	for _, f := range []string{used, youngOrphan} {
+		if _, err := os.Stat(f); err != nil {
+			t.Errorf("%s was removed: %v", filepath.Base(f), err)
+		}
 	}
 }

@@ -55,6 +55,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer, ready fun
 	if err != nil {
 		return err
 	}
+	removeOrphanVideos(ctx, st, videos, time.Hour, log)
 	// Replicas on one PostgreSQL database signal each other and elect the
 	// one that runs maintenance; on SQLite this is a no-op.
 	cl, err := cluster.New(cfg.DB, log, cluster.Config{})
@@ -211,6 +212,31 @@ func openVideos(dataDir string, log logrus.FieldLogger) (*video.Dir, error) {
 		log.WithField("count", n).Info("removed stale video uploads")
 	}
 	return videos, nil
+}
+
+// removeOrphanVideos deletes stored videos older than grace that no live
+// workflow uses: a workflow deleted while its new video was being stored,
+// or a crash between storing a video and recording it, leaves one behind.
+// The grace keeps the videos other replicas are storing right now.
+func removeOrphanVideos(ctx context.Context, st store.Store, videos *video.Dir, grace time.Duration, log logrus.FieldLogger) {
+	keys, err := videos.Keys(grace)
+	if err == nil && len(keys) > 0 {
+		var used map[string]bool
+		if used, err = st.WorkflowVideoKeysInUse(ctx, keys); err == nil {
+			removed := 0
+			for _, k := range keys {
+				if !used[k] && videos.Delete(ctx, k) == nil {
+					removed++
+				}
+			}
+			if removed > 0 {
+				log.WithField("count", removed).Info("removed videos no workflow uses")
+			}
+		}
+	}
+	if err != nil {
+		log.WithError(err).Warn("orphaned videos not removed")
+	}
 }
 
 func openStore(ctx context.Context, dsn string) (store.Store, error) {

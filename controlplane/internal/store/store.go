@@ -564,6 +564,9 @@ type Store interface {
 	// of the video it replaced ("" when none). An analyzing workflow is
 	// conflict (details.status); active requests refuse as WorkflowUpdate.
 	WorkflowVideoReplace(ctx context.Context, p WorkflowVideoParams) (*Workflow, string, error)
+	// WorkflowVideoKeysInUse returns which of keys are the video of a live
+	// (not deleted) workflow.
+	WorkflowVideoKeysInUse(ctx context.Context, keys []string) (map[string]bool, error)
 
 	// RunCreate takes the workflow's active slot (workflow_already_running),
 	// holds the cost (insufficient_credits) and queues the run, atomically.

@@ -166,6 +166,26 @@ func (d *Dir) RemoveStaleUploads(age time.Duration) (int, error) {
 	return removed, nil
 }
 
+// Keys lists the stored videos last written more than age ago (uploads in
+// progress are not videos yet; younger ones may be on their way into a
+// workflow).
+func (d *Dir) Keys(age time.Duration) ([]string, error) {
+	entries, err := os.ReadDir(d.root)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, e := range entries {
+		if !keyRE.MatchString(e.Name()) {
+			continue
+		}
+		if fi, err := e.Info(); err == nil && time.Since(fi.ModTime()) >= age {
+			out = append(out, e.Name())
+		}
+	}
+	return out, nil
+}
+
 type fileObject struct {
 	*os.File
 	size int64

@@ -196,3 +196,27 @@ func queryAll[T any](ctx context.Context, s *DB, query string, args []any, scan 
 	}
 	return out, rows.Err()
 }
+
+func (s *DB) WorkflowVideoKeysInUse(ctx context.Context, keys []string) (map[string]bool, error) {
+	out := map[string]bool{}
+	for len(keys) > 0 {
+		chunk := keys[:min(len(keys), 500)]
+		keys = keys[len(chunk):]
+		args := make([]any, len(chunk))
+		for i, k := range chunk {
+			args[i] = k
+		}
+		used, err := queryAll(ctx, s, `SELECT video_key FROM workflows WHERE deleted_at IS NULL AND video_key IN (`+placeholders(len(chunk))+`)`, args,
+			func(row interface{ Scan(...any) error }) (string, error) {
+				var k string
+				return k, row.Scan(&k)
+			})
+		if err != nil {
+			return nil, err
+		}
+		for _, k := range used {
+			out[k] = true
+		}
+	}
+	return out, nil
+}

@@ -270,6 +270,32 @@ func testAnalysis(t *testing.T, open Opener) {
 		wantErr(t, err, protocol.CodeWorkflowNotFound)
 	})
 
+	t.Run("VideoKeysInUse", func(t *testing.T) {
+		t.Parallel()
+		ctx, b := setup(t, open, 0)
+		live := b.newRecording(t, ctx, b.user.ID)
+		deleted := b.newRecording(t, ctx, b.user.ID)
+		if err := b.st.WorkflowDelete(ctx, deleted.ID); err != nil {
+			t.Fatalf("WorkflowDelete: %v", err)
+		}
+		// Many keys (more than one query's worth), the live one last.
+		keys := []string{deleted.Video.Key, "vid_unknown"}
+		for i := range 600 {
+			keys = append(keys, fmt.Sprintf("vid_other%021d", i))
+		}
+		keys = append(keys, live.Video.Key)
+		used, err := b.st.WorkflowVideoKeysInUse(ctx, keys)
+		if err != nil {
+			t.Fatalf("WorkflowVideoKeysInUse: %v", err)
+		}
+		if !used[live.Video.Key] || len(used) != 1 {
+			t.Fatalf("in use = %v; want %s only (%s is a deleted workflow's)", used, live.Video.Key, deleted.Video.Key)
+		}
+		if used, err := b.st.WorkflowVideoKeysInUse(ctx, nil); err != nil || len(used) != 0 {
+			t.Fatalf("no keys: %v, %v", used, err)
+		}
+	})
+
 	t.Run("DefinitionEndsAnalysis", func(t *testing.T) {
 		t.Parallel()
 		ctx, b := setup(t, open, 0)
