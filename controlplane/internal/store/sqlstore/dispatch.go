@@ -201,7 +201,7 @@ func (s *DB) RunEventApply(ctx context.Context, p store.RunEventParams) (*store.
 				With("reason", "sequence_gap").With("expectedSeq", last+1)
 		}
 		if r.Status.Terminal() {
-			return protocol.Errorf(protocol.CodeConflict, "The run has already finished.").With("status", r.Status).With("reason", "run_finished")
+			return errRunFinished(r.Status)
 		}
 		body := p.Body
 		if len(body) == 0 {
@@ -401,4 +401,10 @@ func (s *DB) ArtifactList(ctx context.Context, runID string) ([]*store.Artifact,
 func (s *DB) ArtifactGet(ctx context.Context, runID, name string) (*store.Artifact, error) {
 	a, err := scanArtifact(s.queryRow(ctx, s.r, `SELECT run_id, name, content_type, size, sha256, created_at FROM artifacts WHERE run_id = ? AND name = ?`, runID, name))
 	return a, notFound(err, protocol.CodeNotFound)
+}
+
+// errRunFinished refuses a frame about a run that has ended (API.md §9: the
+// agent drops the run).
+func errRunFinished(status protocol.RunStatus) error {
+	return protocol.Errorf(protocol.CodeConflict, "The run has already finished.").With("status", status).With("reason", "run_finished")
 }

@@ -248,6 +248,11 @@ func (s *DB) RunStart(ctx context.Context, p store.RunStartParams) (*store.Run, 
 			if r.Status == protocol.RunQueued {
 				return errLeaseLost()
 			}
+			if r.Status.Terminal() {
+				// Cancelled (or timed out) between its assign and this
+				// accept: the agent drops it at once.
+				return errRunFinished(r.Status)
+			}
 			return protocol.Errorf(protocol.CodeConflict, "The run is not queued.").With("status", r.Status)
 		}
 		charged, err := s.captureHold(ctx, tx, r.ID)

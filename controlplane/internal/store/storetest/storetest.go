@@ -1035,7 +1035,7 @@ func testRuns(t *testing.T, open Opener) {
 			t.Fatalf("RunCancel: %v", err)
 		}
 		_, err = b.st.RunStart(ctx, store.RunStartParams{ID: r2.ID, LeaseID: "lse_x"})
-		wantErr(t, err, protocol.CodeConflict)
+		wantErr(t, err, protocol.CodeConflict, "reason", "run_finished", "status", "cancelled")
 		b.wantCredits(t, ctx, b.user.ID, 7, 0)
 	})
 
