@@ -312,6 +312,8 @@ type testAgent struct {
 	ws   *websocket.Conn
 	ID   string // the server's agt_ id
 	done chan struct{}
+	// closed is set when the test ends the connection.
+	closed atomic.Bool
 
 	mu   sync.Mutex
 	errs []string
@@ -372,6 +374,7 @@ func (s *server) connectAgent(t testing.TB, a *account, name string, slots int) 
 	ag.ID = welcome.AgentID
 	go ag.loop()
 	t.Cleanup(func() {
+		ag.closed.Store(true) // frames the loop still answers go nowhere
 		ws.Close()
 		<-ag.done
 		ag.mu.Lock()
@@ -407,7 +410,7 @@ func (ag *testAgent) send(f protocol.Frame) {
 		return
 	}
 	ag.ws.SetWriteDeadline(time.Now().Add(wait))
-	if err := ag.ws.WriteMessage(websocket.TextMessage, data); err != nil {
+	if err := ag.ws.WriteMessage(websocket.TextMessage, data); err != nil && !ag.closed.Load() {
 		ag.fail("write: %v", err)
 	}
 }
