@@ -46,8 +46,9 @@ func uploadRecording(t *testing.T, c *http.Client, url, token, file string) map[
 // start (on the same database, with -analysis-timeout shorter than the
 // time that passed) fails it with analysis.error.code "timeout" — the
 // reaper's first pass, before anything else happens. Stale temporary
-// uploads in the data directory are removed at start, and so are videos
-// older than an hour that no live workflow uses.
+// uploads in the data directory are removed at start; videos older than an
+// hour that no live workflow uses are set aside in videos/.orphaned, and
+// those set aside more than 7 days ago deleted.
 func TestAnalysisTimeoutSurvivesRestart(t *testing.T) {
 	const token = "copelf-test-admin-token-analysis"
 	t.Setenv("COPELF_ADMIN_TOKEN", token)
@@ -72,7 +73,12 @@ func TestAnalysisTimeoutSurvivesRestart(t *testing.T) {
 	stale := filepath.Join(videos, ".upload-crashed")
 	orphan := filepath.Join(videos, "vid_"+strings.Repeat("a", 26))      // no workflow has it
 	youngOrphan := filepath.Join(videos, "vid_"+strings.Repeat("b", 26)) // maybe on its way into one
-	for _, f := range []string{stale, orphan, youngOrphan} {
+	setAside := filepath.Join(videos, ".orphaned")
+	oldSetAside := filepath.Join(setAside, "vid_"+strings.Repeat("c", 26)) // set aside 8 days ago
+	if err := os.MkdirAll(setAside, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{stale, orphan, youngOrphan, oldSetAside} {
 		if err := os.WriteFile(f, []byte("partial"), 0o600); err != nil {
 			t.Fatal(err)
 		}
@@ -82,6 +88,9 @@ func TestAnalysisTimeoutSurvivesRestart(t *testing.T) {
 		if err := os.Chtimes(f, old, old); err != nil {
 			t.Fatal(err)
 		}
+	}
+	if err := os.Chtimes(oldSetAside, old.Add(-8*24*time.Hour), old.Add(-8*24*time.Hour)); err != nil {
+		t.Fatal(err)
 	}
 
 	in2 := startApp(t, append(baseArgs(dir), "-analysis-timeout", "1ms")...)
@@ -101,14 +110,14 @@ func TestAnalysisTimeoutSurvivesRestart(t *testing.T) {
 	if got["status"] != "analysis_failed" || errObj["code"] != "timeout" || analysis["finishedAt"] == nil {
 		t.Fatalf("after the restart: %v", got)
 	}
-	for _, f := range []string{stale, orphan} {
+	for _, f := range []string{stale, orphan, oldSetAside} {
 		if _, err := os.Stat(f); !os.IsNotExist(err) {
-			t.Errorf("%s is still there: %v", filepath.Base(f), err)
+			t.Errorf("%s is still there: %v", f, err)
 		}
 	}
-	for _, f := range []string{used, youngOrphan} {
+	for _, f := range []string{used, youngOrphan, filepath.Join(setAside, filepath.Base(orphan))} {
 		if _, err := os.Stat(f); err != nil {
-			t.Errorf("%s was removed: %v", filepath.Base(f), err)
+			t.Errorf("%s is not there: %v", f, err)
 		}
 	}
 }

@@ -55,7 +55,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer, ready fun
 	if err != nil {
 		return err
 	}
-	removeOrphanVideos(ctx, st, videos, time.Hour, log)
+	setAsideOrphanVideos(ctx, st, videos, log)
 	// Replicas on one PostgreSQL database signal each other and elect the
 	// one that runs maintenance; on SQLite this is a no-op.
 	cl, err := cluster.New(cfg.DB, log, cluster.Config{})
@@ -214,28 +214,42 @@ func openVideos(dataDir string, log logrus.FieldLogger) (*video.Dir, error) {
 	return videos, nil
 }
 
-// removeOrphanVideos deletes stored videos older than grace that no live
-// workflow uses: a workflow deleted while its new video was being stored,
-// or a crash between storing a video and recording it, leaves one behind.
-// The grace keeps the videos other replicas are storing right now.
-func removeOrphanVideos(ctx context.Context, st store.Store, videos *video.Dir, grace time.Duration, log logrus.FieldLogger) {
-	keys, err := videos.Keys(grace)
+// Orphaned videos: a workflow deleted while its new video was being stored,
+// or a crash between storing a video and recording it, leaves a video no
+// workflow uses. At start, those older than orphanGrace (longer than an
+// upload may take, so none another replica is storing right now) are set
+// aside in video.OrphanDir, and deleted orphanKeep later: started by
+// mistake against the wrong database, the program moves videos there
+// instead of losing them.
+const (
+	orphanGrace = time.Hour
+	orphanKeep  = 7 * 24 * time.Hour
+)
+
+func setAsideOrphanVideos(ctx context.Context, st store.Store, videos *video.Dir, log logrus.FieldLogger) {
+	keys, err := videos.Keys(orphanGrace)
 	if err == nil && len(keys) > 0 {
 		var used map[string]bool
 		if used, err = st.WorkflowVideoKeysInUse(ctx, keys); err == nil {
-			removed := 0
+			moved := 0
 			for _, k := range keys {
-				if !used[k] && videos.Delete(ctx, k) == nil {
-					removed++
+				if !used[k] && videos.SetAside(k) == nil {
+					moved++
 				}
 			}
-			if removed > 0 {
-				log.WithField("count", removed).Info("removed videos no workflow uses")
+			if moved > 0 {
+				log.WithField("count", moved).WithField("dir", filepath.Join(videos.Root(), video.OrphanDir)).
+					Warn("set aside videos no workflow uses; they are deleted after 7 days (move them back if this database is not the one they belong to)")
 			}
 		}
 	}
 	if err != nil {
-		log.WithError(err).Warn("orphaned videos not removed")
+		log.WithError(err).Warn("orphaned videos not set aside")
+	}
+	if n, err := videos.PurgeSetAside(orphanKeep); err != nil {
+		log.WithError(err).Warn("set-aside videos not purged")
+	} else if n > 0 {
+		log.WithField("count", n).Info("deleted videos set aside more than 7 days ago")
 	}
 }
 

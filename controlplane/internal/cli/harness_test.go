@@ -466,7 +466,10 @@ func (ag *testAgent) loop() {
 			ag.event(r, protocol.Event{Kind: protocol.EventFinished, Status: string(protocol.RunCancelled)})
 		case *protocol.Ack, *protocol.Heartbeat:
 		case *protocol.ErrorFrame:
-			if f.Code == protocol.CodeConflict && f.RunID != "" {
+			// The refusals a cancel can cause: lease_lost, run_finished, and
+			// an accept of a run no longer queued (no reason).
+			if reason, _ := f.Details["reason"].(string); f.Code == protocol.CodeConflict && f.RunID != "" &&
+				(reason == protocol.ReasonLeaseLost || reason == "run_finished" || reason == "") {
 				ag.mu.Lock()
 				ag.conflicts[f.RunID] = append(ag.conflicts[f.RunID], string(data))
 				ag.mu.Unlock()

@@ -186,6 +186,53 @@ func (d *Dir) Keys(age time.Duration) ([]string, error) {
 	return out, nil
 }
 
+// OrphanDir is the folder, inside the store's, where SetAside keeps videos
+// no workflow used: a start against the wrong database moves them there
+// rather than losing them, and moving them back restores them.
+const OrphanDir = ".orphaned"
+
+// SetAside moves a stored video into OrphanDir, stamped with the time it was
+// set aside; it is no longer found under its key.
+func (d *Dir) SetAside(key string) error {
+	if !keyRE.MatchString(key) {
+		return ErrNotFound
+	}
+	dir := filepath.Join(d.root, OrphanDir)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	to := filepath.Join(dir, key)
+	if err := os.Rename(filepath.Join(d.root, key), to); err != nil {
+		return err
+	}
+	now := time.Now()
+	return os.Chtimes(to, now, now)
+}
+
+// PurgeSetAside deletes the videos set aside more than age ago and returns
+// how many it deleted.
+func (d *Dir) PurgeSetAside(age time.Duration) (int, error) {
+	dir := filepath.Join(d.root, OrphanDir)
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	removed := 0
+	for _, e := range entries {
+		fi, err := e.Info()
+		if err != nil || !fi.Mode().IsRegular() || time.Since(fi.ModTime()) < age {
+			continue
+		}
+		if os.Remove(filepath.Join(dir, e.Name())) == nil {
+			removed++
+		}
+	}
+	return removed, nil
+}
+
 type fileObject struct {
 	*os.File
 	size int64

@@ -185,3 +185,52 @@ func contains(list []string, s string) bool {
 	}
 	return false
 }
+
+// Keys lists stored videos old enough, never uploads in progress or the
+// set-aside folder; a video set aside is no longer found, and set-aside
+// videos are purged by age.
+func TestDirKeysSetAsidePurge(t *testing.T) {
+	ctx := context.Background()
+	d, root := newDir(t)
+	old := time.Now().Add(-2 * time.Hour)
+	var keys []string
+	for range 2 {
+		key, _, err := d.Put(ctx, bytes.NewReader([]byte("video")), 100)
+		if err != nil {
+			t.Fatal(err)
+		}
+		keys = append(keys, key)
+	}
+	if err := os.Chtimes(filepath.Join(root, keys[0]), old, old); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, ".upload-123"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	got, err := d.Keys(time.Hour)
+	if err != nil || len(got) != 1 || got[0] != keys[0] {
+		t.Fatalf("Keys(1h) = %v, %v; want [%s]", got, err, keys[0])
+	}
+	if err := d.SetAside("../etc/passwd"); !errors.Is(err, video.ErrNotFound) {
+		t.Fatalf("SetAside of a path: %v", err)
+	}
+	if err := d.SetAside(keys[0]); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Open(ctx, keys[0]); !errors.Is(err, video.ErrNotFound) {
+		t.Fatalf("Open after SetAside: %v", err)
+	}
+	if got, _ := d.Keys(0); len(got) != 1 || got[0] != keys[1] {
+		t.Fatalf("Keys(0) after SetAside = %v; want [%s]", got, keys[1])
+	}
+	// Set aside just now: kept by a purge of older ones, gone with age 0.
+	if n, err := d.PurgeSetAside(time.Hour); n != 0 || err != nil {
+		t.Fatalf("PurgeSetAside(1h) = %d, %v", n, err)
+	}
+	if n, err := d.PurgeSetAside(0); n != 1 || err != nil {
+		t.Fatalf("PurgeSetAside(0) = %d, %v", n, err)
+	}
+	if _, err := os.Stat(filepath.Join(root, video.OrphanDir, keys[0])); !os.IsNotExist(err) {
+		t.Fatalf("purged video still there: %v", err)
+	}
+}
