@@ -137,12 +137,12 @@ func requestApproval(t *testing.T, e *env, c *client) (*protocol.Assign, map[str
 	if ap["runId"] != run || ap["step"] != float64(1) || ap["message"] != "Go on?" || ap["status"] != "pending" {
 		t.Fatalf("approval: %v", ap)
 	}
-	e.events.mu.Lock()
-	n := len(e.events.approvals)
-	e.events.mu.Unlock()
-	if n != 1 {
-		t.Fatalf("listener saw %d approvals", n)
-	}
+	// The listener hears of the approval after the agent's ack is sent.
+	e.waitFor("told the listener of one approval", func() bool {
+		e.events.mu.Lock()
+		defer e.events.mu.Unlock()
+		return len(e.events.approvals) == 1
+	})
 	return a, ap
 }
 
