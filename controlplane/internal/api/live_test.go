@@ -482,8 +482,15 @@ func TestRunEventsStream(t *testing.T) {
 	u := e.newUser(store.RoleMember, store.PlanPro, 10)
 	operator := e.newUser(store.RoleOperator, store.PlanPro, 0)
 	wf := e.newWorkflow(u.Token)
+	all := e.openStream("/v1/events?types=run", u.Token, nil)
 	id := e.post("/v1/workflows/"+wf+"/runs", u.Token, goodInputs()).Map(t)["id"].(string)
 	other := e.post("/v1/workflows/"+e.newWorkflow(u.Token)+"/runs", u.Token, goodInputs()).Map(t)["id"].(string)
+	// The log's writer stores the run's queued event after the create
+	// answers; the run's stream starts at the latest event stored when it
+	// opens, so wait until the account's stream has carried it.
+	for runOf(t, all.next(false))["id"] != id {
+	}
+	all.close()
 
 	s := e.openStream("/v1/runs/"+id+"/events", u.Token, nil)
 	first := s.next(false)
