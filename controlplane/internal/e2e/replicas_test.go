@@ -534,9 +534,10 @@ func TestReplicasMaintenanceLeader(t *testing.T) {
 		return run
 	}
 	run := lost(follower, leader)
-	if !leader.p.logContains("lease expired", run) {
-		t.Errorf("the leader did not log the expired lease of %s", run)
-	}
+	// The reaper logs the expired lease after it has stored the run's end.
+	eventually(t, 30*time.Second, "the leader logging the expired lease of "+run, func() (bool, string) {
+		return leader.p.logContains("lease expired", run), ""
+	})
 	if follower.p.logContains("lease expired", run) {
 		t.Errorf("the follower reaped %s too", run)
 	}
@@ -547,9 +548,9 @@ func TestReplicasMaintenanceLeader(t *testing.T) {
 		return follower.p.logContains(acquired), ""
 	})
 	run = lost(follower, follower)
-	if !follower.p.logContains("lease expired", run) {
-		t.Errorf("the new leader did not log the expired lease of %s", run)
-	}
+	eventually(t, 30*time.Second, "the new leader logging the expired lease of "+run, func() (bool, string) {
+		return follower.p.logContains("lease expired", run), ""
+	})
 }
 
 // TestReplicasEvents: a run executed through replica A shows on an event
