@@ -215,8 +215,11 @@ func TestLiveRunThroughAgent(t *testing.T) {
 	a.send(&protocol.Accept{RunID: as.RunID, LeaseID: as.LeaseID})
 	step := 0
 	a.send(&protocol.Event{RunID: runID, LeaseID: as.LeaseID, Seq: 1, Kind: protocol.EventStarted})
-	a.send(&protocol.Event{RunID: runID, LeaseID: as.LeaseID, Seq: 2, Kind: protocol.EventApprovalRequested, Step: &step, Message: "go on?"})
+	// The event log reads the run when it flushes: started and
+	// approval_requested applied before one flush would both show
+	// awaiting_approval. The next event goes once running has shown.
 	one.until("run.updated", func(d map[string]any) bool { return d["status"] == "running" })
+	a.send(&protocol.Event{RunID: runID, LeaseID: as.LeaseID, Seq: 2, Kind: protocol.EventApprovalRequested, Step: &step, Message: "go on?"})
 	one.until("run.updated", func(d map[string]any) bool { return d["status"] == "awaiting_approval" })
 	apr := all.until("approval.updated", func(d map[string]any) bool { return d["runId"] == runID && d["status"] == "pending" })
 	status, body := call(t, c, "POST", in.URL+"/v1/approvals/"+apr["id"].(string)+"/approve", token, nil)
