@@ -76,7 +76,10 @@ func TestNavigationNetworkError(t *testing.T) {
 func TestRetries(t *testing.T) {
 	t.Parallel()
 	t.Run("succeeds on a later attempt", func(t *testing.T) {
-		def := steps(t, "", `{"type":"navigate","url":"http://127.0.0.1:0/widgets.html?eventually=400"},
+		// The text changes 1.5 s after the page's script runs: the first
+		// attempt comes before it however slow the machine, and the eight
+		// retries' backoff (at least about 2 s) outlasts it.
+		def := steps(t, "", `{"type":"navigate","url":"http://127.0.0.1:0/widgets.html?eventually=1500"},
 			{"type":"assert","selector":"#eventually","equals":"ready","retries":8}`)
 		rec := &recorder{}
 		wantSucceeded(t, runDef(t, def, rec))
