@@ -100,7 +100,11 @@ func TestPoolGetIsFast(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got > 20*time.Millisecond {
+		// A ready session is handed over at once (microseconds); making
+		// a browser context costs about 200 ms. The bound tells the two
+		// apart with room for a loaded machine (the figure itself is
+		// measured by BenchmarkAssignToFirstCommand).
+		if got > 150*time.Millisecond {
 			t.Errorf("Get %d took %v with a ready pool", i, got)
 		}
 		rec := &recorder{onStart: func(step, attempt int) {

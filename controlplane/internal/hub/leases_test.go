@@ -138,7 +138,9 @@ func TestLeaseHeartbeatsKeepRunningRun(t *testing.T) {
 // An agent that disconnects mid-run loses the run once the lease runs out
 // (real lease, the hub's own loop).
 func TestLeaseLostOnDisconnect(t *testing.T) {
-	e := newEnv(t, hub.Config{LeaseTimeout: 500 * time.Millisecond})
+	// Real clock: the lease must outlast a stall of the test between its
+	// assign and its accept on a loaded machine.
+	e := newEnv(t, hub.Config{LeaseTimeout: 2 * time.Second})
 	c, _ := e.connect("vanishing", 1)
 	run := e.runOn(nil)
 	a := c.expectAssign(run)
