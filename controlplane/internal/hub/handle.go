@@ -212,10 +212,11 @@ func (c *conn) eventNotHeld(ctx context.Context, f *protocol.Event) {
 		}
 		// A new event of its own lease about a run the server ended
 		// (cancel forced, timeout): run_finished, as protocol/README.md
-		// says, so the agent drops the run and its outbox. A run ended
-		// because this lease expired (agent_lost) answers lease_lost.
+		// says, so the agent drops the run and its outbox. (A run ended
+		// because this lease expired, agent_lost, is lease_lost: the
+		// store says so.)
 		var pe *protocol.Error
-		if isConflict(err, &pe) && pe.Details["reason"] == "run_finished" && !(r.Error != nil && r.Error.Details["reason"] == protocol.ReasonAgentLost) {
+		if isConflict(err, &pe) && pe.Details["reason"] == "run_finished" {
 			c.sendError(err, f.RunID)
 			return
 		}

@@ -242,3 +242,38 @@ func TestReaperLeadership(t *testing.T) {
 	}
 	c.expectAssign(e.runOn(nil))
 }
+
+// An event about a run whose lease another replica's maintenance expired,
+// sent while this hub still holds the run (before the cluster's signal
+// arrives): lease_lost, as when the lease expired here, and the slot comes
+// back.
+func TestLeaseLostWhileStillHeld(t *testing.T) {
+	e := newEnv(t, hub.Config{LeaseTimeout: 30 * time.Second})
+	c, _ := e.connect("held", 1)
+	run := e.runOn(nil)
+	a := c.expectAssign(run)
+	c.start(a)
+
+	p := newPeers()
+	var skew atomic.Int64
+	otherReplica(t, e, p, &skew)
+	skew.Store(int64(time.Hour))
+	p.mu.Lock()
+	p.leader = true
+	p.mu.Unlock()
+	p.until(t, "the run reaped by the other replica", func() bool {
+		for _, r := range p.reaped {
+			if r.ID == run {
+				return true
+			}
+		}
+		return false
+	})
+	e.agentLost(run)
+	if !e.hub.Holds(run) {
+		t.Fatal("this hub was told: the test needs it to still hold the run")
+	}
+	c.report(run, a.LeaseID, protocol.Event{Kind: protocol.EventStepStarted, Step: intp(0)})
+	c.expectError(protocol.CodeConflict, protocol.ReasonLeaseLost)
+	c.expectAssign(e.runOn(nil))
+}

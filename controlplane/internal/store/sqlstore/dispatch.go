@@ -201,6 +201,12 @@ func (s *DB) RunEventApply(ctx context.Context, p store.RunEventParams) (*store.
 				With("reason", "sequence_gap").With("expectedSeq", last+1)
 		}
 		if r.Status.Terminal() {
+			if r.Error != nil && r.Error.Details["reason"] == protocol.ReasonAgentLost {
+				// Ended because this lease expired: the lease is what the
+				// agent lost (protocol/README.md), whichever control
+				// plane's maintenance ended it.
+				return errLeaseLost()
+			}
 			return errRunFinished(r.Status)
 		}
 		body := p.Body
