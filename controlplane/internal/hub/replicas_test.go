@@ -207,11 +207,7 @@ func TestReaperLeadership(t *testing.T) {
 	a := c.expectAssign(run)
 	c.start(a)
 
-	// The other replica's clock is an hour ahead: to it, the lease expired.
-	p := newPeers()
-	var skew atomic.Int64
-	otherReplica(t, e, p, &skew)
-	skew.Store(int64(time.Hour))
+	p := aheadReplica(t, e)
 	p.mu.Lock()
 	p.asked = 0
 	p.mu.Unlock()
@@ -219,21 +215,7 @@ func TestReaperLeadership(t *testing.T) {
 	if r := e.run(run); r.Status != protocol.RunRunning {
 		t.Fatalf("a follower reaped: %s", r.Status)
 	}
-	p.mu.Lock()
-	p.leader = true
-	p.mu.Unlock()
-	p.until(t, "the run reaped by the leader", func() bool {
-		for _, r := range p.reaped {
-			if r.ID == run {
-				return true
-			}
-		}
-		return false
-	})
-	e.agentLost(run)
-	if !e.hub.Holds(run) {
-		t.Fatal("this hub does not know yet: it holds the run")
-	}
+	p.leadUntilReaped(t, e, run)
 	if err := e.hub.Sync(context.Background(), run); err != nil {
 		t.Fatal(err)
 	}
@@ -254,14 +236,32 @@ func TestLeaseLostWhileStillHeld(t *testing.T) {
 	a := c.expectAssign(run)
 	c.start(a)
 
+	aheadReplica(t, e).leadUntilReaped(t, e, run)
+	c.report(run, a.LeaseID, protocol.Event{Kind: protocol.EventStepStarted, Step: intp(0)})
+	c.expectError(protocol.CodeConflict, protocol.ReasonLeaseLost)
+	c.expectAssign(e.runOn(nil))
+}
+
+// aheadReplica starts another replica, a follower whose clock is an hour
+// ahead: to it, every lease has expired.
+func aheadReplica(t *testing.T, e *env) *peers {
+	t.Helper()
 	p := newPeers()
 	var skew atomic.Int64
 	otherReplica(t, e, p, &skew)
 	skew.Store(int64(time.Hour))
+	return p
+}
+
+// leadUntilReaped makes the other replica lead and waits until its
+// maintenance ended run (agent_lost). Nobody tells this env's hub, which
+// still holds the run.
+func (p *peers) leadUntilReaped(t *testing.T, e *env, run string) {
+	t.Helper()
 	p.mu.Lock()
 	p.leader = true
 	p.mu.Unlock()
-	p.until(t, "the run reaped by the other replica", func() bool {
+	p.until(t, "the run reaped by the leader", func() bool {
 		for _, r := range p.reaped {
 			if r.ID == run {
 				return true
@@ -271,9 +271,6 @@ func TestLeaseLostWhileStillHeld(t *testing.T) {
 	})
 	e.agentLost(run)
 	if !e.hub.Holds(run) {
-		t.Fatal("this hub was told: the test needs it to still hold the run")
+		t.Fatal("this hub does not know yet: it holds the run")
 	}
-	c.report(run, a.LeaseID, protocol.Event{Kind: protocol.EventStepStarted, Step: intp(0)})
-	c.expectError(protocol.CodeConflict, protocol.ReasonLeaseLost)
-	c.expectAssign(e.runOn(nil))
 }
