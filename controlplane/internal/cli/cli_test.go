@@ -39,14 +39,23 @@ func startBGCtx(ctx context.Context, e cliEnv, tty int, args ...string) *bg {
 // waitOutput waits until the command has printed s.
 func (b *bg) waitOutput(t testing.TB, s string) {
 	t.Helper()
+	b.waitOutputAfter(t, 0, s)
+}
+
+// mark is where the command's output stands now, for waitOutputAfter.
+func (b *bg) mark() int { return len(b.out.String()) }
+
+// waitOutputAfter waits until the command has printed s after mark.
+func (b *bg) waitOutputAfter(t testing.TB, mark int, s string) {
+	t.Helper()
 	deadline := time.Now().Add(wait)
 	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()
-	for !strings.Contains(b.out.String(), s) {
+	for !strings.Contains(b.out.String()[mark:], s) {
 		select {
 		case code := <-b.done:
 			b.done <- code
-			if strings.Contains(b.out.String(), s) {
+			if strings.Contains(b.out.String()[mark:], s) {
 				return
 			}
 			t.Fatalf("the command ended (exit %d) without printing %q\nstdout:\n%s\nstderr:\n%s", code, s, b.out, b.err)

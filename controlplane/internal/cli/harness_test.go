@@ -327,20 +327,43 @@ type testAgent struct {
 	// cancelled at the end) and errors for any other.
 	cancelled map[string]bool
 	conflicts map[string][]string
-	// hold, when set, keeps every extract step running (after its
-	// step_started) until the channel is closed, so a test can see the
-	// running state before the step ends.
-	hold chan struct{}
+	// holds make the agent wait, until released, at a point of its runs
+	// (holdExtract, holdApproval), so that a test sees the state before it
+	// moves on: the event log reads a run when it flushes, and changes
+	// made within one flush show as one.
+	holds map[string]chan struct{}
 }
 
-// holdExtract makes the agent keep its extract steps running until the
-// returned function is called.
-func (ag *testAgent) holdExtract() (release func()) {
+// holdExtract makes the agent keep its extract steps running (after their
+// step_started) until the returned function is called.
+func (ag *testAgent) holdExtract() (release func()) { return ag.holdAt("extract") }
+
+// holdApproval makes the agent wait, when an approval reaches it, until
+// the returned function is called; only then does it report the approval
+// step's end and go on.
+func (ag *testAgent) holdApproval() (release func()) { return ag.holdAt("approval") }
+
+func (ag *testAgent) holdAt(point string) (release func()) {
 	ch := make(chan struct{})
 	ag.mu.Lock()
-	ag.hold = ch
+	ag.holds[point] = ch
 	ag.mu.Unlock()
 	return sync.OnceFunc(func() { close(ch) })
+}
+
+// waitHold waits at point while a test holds it.
+func (ag *testAgent) waitHold(point string) {
+	ag.mu.Lock()
+	hold := ag.holds[point]
+	ag.mu.Unlock()
+	if hold == nil {
+		return
+	}
+	select {
+	case <-hold:
+	case <-time.After(wait):
+		ag.fail("held at %s for %s and never released", point, wait)
+	}
 }
 
 type agentRun struct {
@@ -357,7 +380,7 @@ func (s *server) connectAgent(t testing.TB, a *account, name string, slots int) 
 		t.Fatalf("dial: %v (%v)", err, res)
 	}
 	ag := &testAgent{t: t, ws: ws, done: make(chan struct{}), seq: map[string]int64{}, runs: map[string]*agentRun{},
-		cancelled: map[string]bool{}, conflicts: map[string][]string{}}
+		cancelled: map[string]bool{}, conflicts: map[string][]string{}, holds: map[string]chan struct{}{}}
 	ag.send(&protocol.Hello{Protocol: protocol.Version, Token: a.AgentToken,
 		Agent: protocol.AgentInfo{ID: name, Name: name, Kind: protocol.AgentHeadless, Version: "test", Slots: slots, Labels: map[string]string{"suite": "cli"}}})
 	ws.SetReadDeadline(time.Now().Add(wait))
@@ -449,6 +472,7 @@ func (ag *testAgent) loop() {
 				delete(ag.runs, f.RunID) // the server failed the run
 				continue
 			}
+			ag.waitHold("approval")
 			d := int64(3)
 			step := r.next
 			ag.event(r, protocol.Event{Kind: protocol.EventStepFinished, Step: &step, Status: "succeeded", DurationMs: &d, Attempts: 1})
@@ -510,16 +534,7 @@ func (ag *testAgent) advance(r *agentRun) {
 		ev := protocol.Event{Kind: protocol.EventStepFinished, Step: &step, Status: "succeeded", DurationMs: &d, Attempts: 1}
 		if steps[step].Type == protocol.StepExtract {
 			ev.Output = "42.00"
-			ag.mu.Lock()
-			hold := ag.hold
-			ag.mu.Unlock()
-			if hold != nil {
-				select {
-				case <-hold:
-				case <-time.After(wait):
-					ag.fail("step %d was held for %s and never released", step, wait)
-				}
-			}
+			ag.waitHold("extract")
 		}
 		ag.event(r, ev)
 		r.next++

@@ -193,8 +193,9 @@ func TestRunsWatchFollowsTheStream(t *testing.T) {
 		t.Skip("the server has no event streams yet")
 	}
 	ag := s.connectAgent(t, a, "agent-stream", 1)
-	release := ag.holdExtract()
-	defer release()
+	releaseApproval, releaseExtract := ag.holdApproval(), ag.holdExtract()
+	defer releaseApproval()
+	defer releaseExtract()
 	p := newProxy(t, s, "cut")
 
 	id := s.createRun(t, a, s.workflow(t, a, true), nil)
@@ -214,11 +215,15 @@ func TestRunsWatchFollowsTheStream(t *testing.T) {
 		t.Fatalf("the stream was not resumed after event %q: %+v", cutID, second)
 	}
 	w.waitOutput(t, id+" awaiting_approval")
+	approved := w.mark()
 	copelf(t, s.as(a), "approvals", "approve", apr)
-	// The agent keeps step 2 running until the watch has shown it, so the
+	// The agent goes on only once the watch has shown the run running
+	// again, and keeps step 2 running until the watch has shown that: the
 	// step's end replacing its running line is seen whatever the timing.
+	w.waitOutputAfter(t, approved, id+" running on ")
+	releaseApproval()
 	w.waitOutput(t, "  step 2  extract   running\n")
-	release()
+	releaseExtract()
 	res := w.result(t)
 	wantExit(t, res, ExitOK)
 	wantContains(t, "watch", res.stdout, "step 1  approval  succeeded", "step 2  extract   succeeded", id+" succeeded")
