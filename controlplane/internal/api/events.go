@@ -196,17 +196,7 @@ func (s *Server) streamEvents(w http.ResponseWriter, r *http.Request) error {
 	out.sent = start
 	if resume {
 		out.sent = after
-		err := s.Events.Replay(r.Context(), filter, after, sub.From, func(ev *store.Event) error {
-			out.event(ev)
-			if len(out.buf) < 64<<10 {
-				return nil
-			}
-			return out.flush()
-		})
-		if err != nil {
-			if r.Context().Err() == nil {
-				s.log.WithError(err).WithField("requestId", RequestID(r.Context())).Warn("event stream: replay failed")
-			}
+		if !s.replay(r, out, filter, after, sub.From, nil) {
 			return nil
 		}
 	}
@@ -330,18 +320,8 @@ func (s *Server) replayRunEvents(w http.ResponseWriter, r *http.Request, run *st
 	out := startSSE(w)
 	out.sent = after
 	sawEnd := false
-	err = s.Events.Replay(r.Context(), events.Filter{RunID: run.ID, Types: map[string]bool{events.RunUpdated: true}}, after, latest, func(ev *store.Event) error {
-		out.event(ev)
-		sawEnd = runDataTerminal(ev.Data)
-		if len(out.buf) < 64<<10 {
-			return nil
-		}
-		return out.flush()
-	})
-	if err != nil {
-		if r.Context().Err() == nil {
-			s.log.WithError(err).WithField("requestId", RequestID(r.Context())).Warn("run event stream: replay failed")
-		}
+	filter := events.Filter{RunID: run.ID, Types: map[string]bool{events.RunUpdated: true}}
+	if !s.replay(r, out, filter, after, latest, func(ev *store.Event) { sawEnd = runDataTerminal(ev.Data) }) {
 		return nil
 	}
 	if !sawEnd && (after < latest || latest == 0) {
@@ -353,6 +333,26 @@ func (s *Server) replayRunEvents(w http.ResponseWriter, r *http.Request, run *st
 	}
 	_ = out.flush()
 	return nil
+}
+
+// replay writes the stored events of filter after id after, up to until, to
+// out, flushing every 64 KiB; each, when set, sees every event written. It
+// reports false when the replay failed (logged; the stream ends).
+func (s *Server) replay(r *http.Request, out *sse, filter events.Filter, after, until int64, each func(*store.Event)) bool {
+	err := s.Events.Replay(r.Context(), filter, after, until, func(ev *store.Event) error {
+		out.event(ev)
+		if each != nil {
+			each(ev)
+		}
+		if len(out.buf) < 64<<10 {
+			return nil
+		}
+		return out.flush()
+	})
+	if err != nil && r.Context().Err() == nil {
+		s.log.WithError(err).WithField("requestId", RequestID(r.Context())).Warn("event stream: replay failed")
+	}
+	return err == nil
 }
 
 // runDataTerminal reports whether a run.updated event's data holds a
