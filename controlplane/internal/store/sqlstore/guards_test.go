@@ -15,7 +15,6 @@ import (
 // ledger entry or a redemption, and resolving a hold twice.
 func TestLedgerGuards(t *testing.T) {
 	t.Parallel()
-	ctx := t.Context()
 	path := filepath.Join(t.TempDir(), "copelf.db")
 	db := openFile(t, path)
 	accountID := seedGuarded(t, db)
@@ -25,15 +24,23 @@ func TestLedgerGuards(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer raw.Close()
-	for _, q := range []string{
+	wantGuardsRefuse(t, raw, db, accountID,
 		`UPDATE ledger SET amount = amount + 1`,
 		`DELETE FROM ledger`,
 		`UPDATE credit_holds SET status = 'voided'`,
 		`UPDATE credit_holds SET status = 'pending'`,
 		`DELETE FROM credit_holds`,
 		`UPDATE coupon_redemptions SET account_id = 'usr_other'`,
-		`DELETE FROM coupon_redemptions`,
-	} {
+		`DELETE FROM coupon_redemptions`)
+}
+
+// wantGuardsRefuse runs each statement on raw, a connection that bypasses
+// the store, and wants every one refused by the database's guards, the
+// ledger of the seed (seedGuarded) untouched.
+func wantGuardsRefuse(t *testing.T, raw *sql.DB, db store.Store, accountID string, statements ...string) {
+	t.Helper()
+	ctx := t.Context()
+	for _, q := range statements {
 		_, err := raw.ExecContext(ctx, q)
 		if err == nil || !strings.Contains(err.Error(), "once") && !strings.Contains(err.Error(), "append-only") && !strings.Contains(err.Error(), "kept") {
 			t.Errorf("%s: err = %v, want the trigger's refusal", q, err)

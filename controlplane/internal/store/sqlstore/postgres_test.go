@@ -214,7 +214,7 @@ func TestPostgresLedgerGuards(t *testing.T) {
 	db := openPG(t, url)
 	accountID := seedGuarded(t, db)
 	raw := pgtest.OpenDB(t, url)
-	for _, q := range []string{
+	wantGuardsRefuse(t, raw, db, accountID,
 		`UPDATE ledger SET amount = amount + 1`,
 		`DELETE FROM ledger`,
 		`TRUNCATE ledger`,
@@ -223,16 +223,7 @@ func TestPostgresLedgerGuards(t *testing.T) {
 		`UPDATE credit_holds SET amount = 0`,
 		`DELETE FROM credit_holds`,
 		`UPDATE coupon_redemptions SET account_id = 'usr_other'`,
-		`DELETE FROM coupon_redemptions`,
-	} {
-		_, err := raw.ExecContext(ctx, q)
-		if err == nil || !strings.Contains(err.Error(), "once") && !strings.Contains(err.Error(), "append-only") && !strings.Contains(err.Error(), "kept") {
-			t.Errorf("%s: err = %v, want the trigger's refusal", q, err)
-		}
-	}
-	if sum, err := db.LedgerSum(ctx, accountID); err != nil || sum != 9 {
-		t.Errorf("LedgerSum = %d, %v; want 9", sum, err)
-	}
+		`DELETE FROM coupon_redemptions`)
 	// A pending hold may still be resolved, once.
 	if _, err := raw.ExecContext(ctx, `INSERT INTO credit_holds (id, account_id, run_id, amount, status, created_at) VALUES ('hld_x', $1, 'run_x', 1, 'pending', 0)`, accountID); err != nil {
 		t.Fatal(err)
