@@ -32,11 +32,17 @@ type env struct {
 	Admin string
 }
 
-// newEnv starts a server; cfg may be zero.
+// newEnv starts a server on a new SQLite store; cfg may be zero.
 func newEnv(t *testing.T, cfg api.Config) *env {
 	t.Helper()
+	return newEnvAt(t, "sqlite://"+filepath.Join(t.TempDir(), "copelf.db"), cfg)
+}
+
+// newEnvAt starts a server on the store at dsn, with an admin.
+func newEnvAt(t *testing.T, dsn string, cfg api.Config) *env {
+	t.Helper()
 	ctx := context.Background()
-	st, err := sqlstore.Open(ctx, "sqlite://"+filepath.Join(t.TempDir(), "copelf.db"))
+	st, err := sqlstore.Open(ctx, dsn)
 	if err != nil {
 		t.Fatal(err)
 	}

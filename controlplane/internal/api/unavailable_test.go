@@ -1,16 +1,10 @@
 package api_test
 
 import (
-	"context"
-	"net/http/httptest"
 	"testing"
-
-	"github.com/sirupsen/logrus"
-	"github.com/sirupsen/logrus/hooks/test"
 
 	"github.com/copelf/copelf/controlplane/internal/api"
 	"github.com/copelf/copelf/controlplane/internal/store"
-	"github.com/copelf/copelf/controlplane/internal/store/sqlstore"
 	"github.com/copelf/copelf/controlplane/internal/store/sqlstore/pgtest"
 	"github.com/copelf/copelf/protocol"
 )
@@ -23,26 +17,8 @@ import (
 func TestDatabaseUnavailable(t *testing.T) {
 	t.Parallel()
 	proxy := pgtest.NewProxy(t)
-	ctx := context.Background()
-	st, err := sqlstore.Open(ctx, proxy.URL(pgtest.Schema(t, pgtest.Database(t))))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
-	log, hook := test.NewNullLogger()
-	log.SetLevel(logrus.DebugLevel)
-	srv := api.New(st, log, api.Config{RunCost: 1})
-	hs := httptest.NewServer(srv)
-	t.Cleanup(hs.Close)
-	e := &env{t: t, Store: st, API: srv, Server: hs, Logs: hook}
-	u, err := st.UserCreate(ctx, store.UserCreateParams{Email: "pg@example.com", PasswordHash: "x", Role: store.RoleMember, Plan: store.PlanPro})
-	if err != nil {
-		t.Fatal(err)
-	}
-	token, err := api.CreateToken(ctx, st, u.ID, store.TokenAPI, "test")
-	if err != nil {
-		t.Fatal(err)
-	}
+	e := newEnvAt(t, proxy.URL(pgtest.Schema(t, pgtest.Database(t))), api.Config{})
+	hook, token := e.Logs, e.newUser(store.RoleMember, store.PlanPro, 0).Token
 	expectStatus(t, e.get("/v1/me", token), 200)
 
 	proxy.Cut()
@@ -77,25 +53,8 @@ func TestDatabaseUnavailable(t *testing.T) {
 // invalid_text), and neither is an internal error.
 func TestPostgresNULInRequest(t *testing.T) {
 	t.Parallel()
-	ctx := context.Background()
-	st, err := sqlstore.Open(ctx, pgtest.Schema(t, pgtest.Database(t)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
-	log, hook := test.NewNullLogger()
-	srv := api.New(st, log, api.Config{RunCost: 1})
-	hs := httptest.NewServer(srv)
-	t.Cleanup(hs.Close)
-	e := &env{t: t, Store: st, API: srv, Server: hs, Logs: hook}
-	u, err := st.UserCreate(ctx, store.UserCreateParams{Email: "nul@example.com", PasswordHash: "x", Role: store.RoleMember, Plan: store.PlanPro})
-	if err != nil {
-		t.Fatal(err)
-	}
-	token, err := api.CreateToken(ctx, st, u.ID, store.TokenAPI, "test")
-	if err != nil {
-		t.Fatal(err)
-	}
+	e := newEnvAt(t, pgtest.Schema(t, pgtest.Database(t)), api.Config{})
+	token := e.newUser(store.RoleMember, store.PlanPro, 0).Token
 	expectError(t, e.get("/v1/workflows/wf_%00", token), protocol.CodeWorkflowNotFound)
 	expectError(t, e.get("/v1/runs/run_%00", token), protocol.CodeNotFound)
 	for _, r := range []*response{
